@@ -1,0 +1,558 @@
+//! `FineTuneJob`: fine-tune a base model on a dataset, on GPUs the cluster has, within a
+//! budget. The operator turns one into a batch/v1 Job of trainer pods and reports
+//! progress, evaluation, cost and the artifact in its status.
+
+// `#[kube(printcolumn(..))]` repeats `type_ = "string"` by design; clippy reads the
+// repetition as a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::decimal::Money;
+use crate::training::{
+    CheckpointSpec, DatasetFormat, DpoSpec, Hyperparameters, LoraSpec, Method, QloraSpec,
+};
+
+/// A label value such as a GPU product name: `NVIDIA-A100-SXM4-80GB`.
+pub const LABEL_VALUE_PATTERN: &str = r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+/// A DNS-1123 label: the shape of a Kubernetes object name such as a PVC's.
+pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
+/// A relative path inside a volume: no leading '/', no '..' segment.
+pub const RELATIVE_PATH_PATTERN: &str = r"^[A-Za-z0-9_.][-A-Za-z0-9_./]*$";
+
+/// Fine-tune a base model on a dataset with LoRA, QLoRA, full fine-tuning or DPO.
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "kubetune.io",
+    version = "v1alpha1",
+    kind = "FineTuneJob",
+    namespaced,
+    status = "FineTuneJobStatus",
+    shortname = "ftj",
+    category = "kubetune",
+    printcolumn(name = "Method", type_ = "string", json_path = ".spec.method"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Progress",
+        type_ = "integer",
+        json_path = ".status.progress.percent",
+        description = "Percent of the optimizer steps done"
+    ),
+    printcolumn(
+        name = "Cost",
+        type_ = "string",
+        json_path = ".status.cost.amount",
+        description = "Compute cost so far, in the price table's currency"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    doc = "Fine-tune a base model on a dataset with LoRA, QLoRA, full fine-tuning or DPO."
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.method == 'full' || self.resources.nodes == 1").message("methods lora, qlora and dpo run on one node: set resources.nodes to 1, or use method full"))]
+#[x_kube(validation = Rule::new("self.method == 'full' || !has(self.resources.gpu) || self.resources.gpu.perNode == 1").message("methods lora, qlora and dpo train on one GPU: set resources.gpu.perNode to 1, or use method full"))]
+#[x_kube(validation = Rule::new("self.method != 'full' || !has(self.lora)").message("spec.lora is not allowed with method full, which trains every weight"))]
+#[x_kube(validation = Rule::new("self.method == 'qlora' || !has(self.qlora)").message("spec.qlora is only allowed with method qlora"))]
+#[x_kube(validation = Rule::new("self.method != 'dpo' || has(self.dpo)").message("method dpo requires spec.dpo"))]
+#[x_kube(validation = Rule::new("self.method == 'dpo' || !has(self.dpo)").message("spec.dpo is only allowed with method dpo"))]
+#[x_kube(validation = Rule::new("self.method != 'dpo' || self.dataset.format == 'preference'").message("method dpo needs a dataset with format preference"))]
+#[x_kube(validation = Rule::new("self.method == 'dpo' || self.dataset.format != 'preference'").message("a preference dataset is only used by method dpo"))]
+pub struct FineTuneJobSpec {
+    /// How to fine-tune: lora (adapter on a frozen base, one GPU), qlora (adapter on a
+    /// 4-bit base, one GPU), full (every weight, across nodes) or dpo (preference tuning
+    /// with an adapter, one GPU). Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("method is immutable"))]
+    pub method: Method,
+
+    /// The Hugging Face checkpoint to start from. Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("baseModel is immutable"))]
+    pub base_model: BaseModel,
+
+    /// The training (and optional evaluation) data. Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("dataset is immutable"))]
+    pub dataset: Dataset,
+
+    /// Optimisation settings; every field has a default.
+    #[serde(default)]
+    pub hyperparameters: Hyperparameters,
+
+    /// LoRA settings for methods lora, qlora and dpo; defaults apply when omitted.
+    /// Not allowed with method full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraSpec>,
+
+    /// QLoRA settings; only with method qlora.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qlora: Option<QloraSpec>,
+
+    /// DPO settings; required with method dpo and not allowed otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dpo: Option<DpoSpec>,
+
+    /// The compute each trainer pod gets and how many pods there are.
+    pub resources: Resources,
+
+    /// Checkpoint cadence and retention.
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+
+    /// Where the adapter (or, for method full, the model) is written. Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("output is immutable"))]
+    pub output: Output,
+
+    /// A spending limit. Omit for none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+
+    /// Restarts from the last checkpoint allowed after retryable failures (eviction,
+    /// preemption, node loss, out of memory, a stalled trainer) before the job fails.
+    /// Default 3; 0 to 100.
+    #[serde(default = "default_max_restarts")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_restarts: u32,
+
+    /// A trainer that reports no new step for this many seconds is restarted from its
+    /// last checkpoint (counted as a restart). Default 1800; at least 60.
+    #[serde(default = "default_stall_timeout")]
+    #[schemars(range(min = 60, max = 604_800))]
+    pub stall_timeout_seconds: u32,
+
+    /// Stop the trainer pods (the trainer checkpoints first) while true; setting it back
+    /// to false resumes from the checkpoint. Default false.
+    #[serde(default)]
+    pub suspend: bool,
+
+    /// Delete the trainer Job and its pods this many seconds after the job succeeds or
+    /// fails. The FineTuneJob and its status stay. Omit to keep them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 31_536_000))]
+    pub ttl_seconds_after_finished: Option<u32>,
+
+    /// Placement: queue, priority, tolerations, node selector, gang timeout.
+    #[serde(default)]
+    pub scheduling: Scheduling,
+
+    /// Trainer image to use instead of the operator's default. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+}
+
+fn default_max_restarts() -> u32 {
+    3
+}
+fn default_stall_timeout() -> u32 {
+    1800
+}
+
+/// A file or directory on a PersistentVolumeClaim in the job's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumePath {
+    /// Name of the PersistentVolumeClaim.
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    pub claim_name: String,
+
+    /// Path inside the volume, relative to its root, without "..". Empty or omitted means
+    /// the root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024), regex(pattern = RELATIVE_PATH_PATTERN))]
+    pub path: Option<String>,
+}
+
+/// The Hugging Face checkpoint (config.json, *.safetensors, tokenizer.json,
+/// tokenizer_config.json) to fine-tune.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BaseModel {
+    /// The model's name, such as "meta-llama/Llama-3.1-8B-Instruct", recorded in the
+    /// adapter (base_model_name_or_path) and used by serving to check the base matches.
+    /// Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub name: Option<String>,
+
+    /// The checkpoint directory on a PersistentVolumeClaim; mounted read-only.
+    pub volume: VolumePath,
+}
+
+/// Training and evaluation data as JSONL files on a PersistentVolumeClaim.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.evalPath) || self.evalSplitPercent == 0").message("set dataset.evalPath or dataset.evalSplitPercent, not both"))]
+pub struct Dataset {
+    /// The shape of each line: chat, instruction, text or preference (DPO only).
+    pub format: DatasetFormat,
+
+    /// Name of the PersistentVolumeClaim holding the files; mounted read-only.
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    pub claim_name: String,
+
+    /// The training JSONL file, relative to the volume's root.
+    #[schemars(length(min = 1, max = 1024), regex(pattern = RELATIVE_PATH_PATTERN))]
+    pub train_path: String,
+
+    /// A held-out JSONL file for evaluation, relative to the volume's root. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = RELATIVE_PATH_PATTERN))]
+    pub eval_path: Option<String>,
+
+    /// Percent of the training file held out for evaluation when evalPath is not set.
+    /// Default 0 (no evaluation); at most 50.
+    #[serde(default)]
+    #[schemars(range(max = 50))]
+    pub eval_split_percent: u32,
+}
+
+/// The compute each trainer pod gets, and how many pods.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Resources {
+    /// GPUs per pod. Omit to train on CPU, for demos, tests and small models; the job is
+    /// then priced by the CPU price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuRequest>,
+
+    /// Number of trainer pods, one per node. Default 1; 1 to 64. Only method full may use
+    /// more than one.
+    #[serde(default = "default_nodes")]
+    #[schemars(range(min = 1, max = 64))]
+    pub nodes: u32,
+
+    /// CPU request and limit per pod, as a Kubernetes quantity ("8", "500m"). Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("resources.cpu must be a positive quantity such as \"8\" or \"500m\""))]
+    pub cpu: Option<String>,
+
+    /// Memory request and limit per pod, as a Kubernetes quantity ("64Gi"). Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("resources.memory must be a positive quantity such as \"64Gi\""))]
+    pub memory: Option<String>,
+}
+
+fn default_nodes() -> u32 {
+    1
+}
+
+/// GPUs for each trainer pod.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuRequest {
+    /// The GPU product, matched against the nodes' `nvidia.com/gpu.product` label, such
+    /// as "NVIDIA-A100-SXM4-80GB" or "NVIDIA-H100-80GB-HBM3".
+    #[schemars(length(min = 1, max = 63), regex(pattern = LABEL_VALUE_PATTERN))]
+    pub product: String,
+
+    /// GPUs per pod (per node). Default 1; 1 to 16. Methods other than full use 1.
+    #[serde(default = "default_gpus_per_node")]
+    #[schemars(range(min = 1, max = 16))]
+    pub per_node: u32,
+}
+
+fn default_gpus_per_node() -> u32 {
+    1
+}
+
+/// Where the result is written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Output {
+    /// The volume and directory the adapter (or full model) is written to. When `path`
+    /// is omitted it is `<namespace>/<job name>`. Checkpoints go to `checkpoints/` inside.
+    pub volume: VolumePath,
+}
+
+/// A spending limit for the job, in the currency of the operator's price table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Budget {
+    /// The most the job may cost, as a decimal string with at most two places
+    /// ("125.50"). At this amount the trainer is stopped (after it checkpoints) and the
+    /// job fails with reason BudgetExceeded.
+    #[x_kube(validation = Rule::new("double(self) > 0.0").message("budget.maxCost must be above 0"))]
+    pub max_cost: Money,
+
+    /// A warning event is recorded when the cost reaches this percent of maxCost.
+    /// Default 80; 1 to 99.
+    #[serde(default = "default_warn_percent")]
+    #[schemars(range(min = 1, max = 99))]
+    pub warn_percent: u32,
+}
+
+fn default_warn_percent() -> u32 {
+    80
+}
+
+/// Where and how the trainer pods are placed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Scheduling {
+    /// Kueue LocalQueue to submit to. The trainer Job is then created suspended with the
+    /// `kueue.x-k8s.io/queue-name` label and starts when Kueue admits it. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    pub queue_name: Option<String>,
+
+    /// PriorityClass of the trainer pods. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+
+    /// Extra tolerations for the trainer pods; the `nvidia.com/gpu` taint is tolerated
+    /// already. At most 32.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<Toleration>,
+
+    /// Extra node labels the trainer pods require, on top of the GPU product. At most 32.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// A gang (method full) whose pods are not all running within this many seconds is
+    /// torn down, releasing its GPUs, and retried later. Default 600; at least 30.
+    #[serde(default = "default_gang_timeout")]
+    #[schemars(range(min = 30, max = 86_400))]
+    pub gang_timeout_seconds: u32,
+}
+
+fn default_gang_timeout() -> u32 {
+    600
+}
+
+/// Where a FineTuneJob is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum Phase {
+    /// Accepted; waiting for its inputs, its queue or its pods.
+    #[default]
+    Pending,
+    /// Admitted by the queue (or without one), pods being placed.
+    Admitted,
+    /// The trainer is running.
+    Running,
+    /// Finished; the artifact is written.
+    Succeeded,
+    /// Finished without a result; see the Failed condition's reason.
+    Failed,
+    /// Stopped by spec.suspend; resumes from the checkpoint.
+    Suspended,
+}
+
+impl Phase {
+    /// Whether the job is over: a terminal job never gets its trainer Job recreated.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed)
+    }
+}
+
+/// What the operator observed of a FineTuneJob.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FineTuneJobStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Pending, Admitted, Running, Succeeded, Failed or Suspended.
+    #[serde(default)]
+    pub phase: Phase,
+
+    /// Standard conditions: Admitted, Running, Succeeded, Failed, Suspended, Stalled,
+    /// InputsReady.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// When the first attempt's pods started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+
+    /// When the job succeeded or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+
+    /// Restarts so far (attempts after the first).
+    #[serde(default)]
+    pub restarts: u32,
+
+    /// Every attempt, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Attempt>,
+
+    /// Training progress as the trainer (rank 0) reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+
+    /// Eval loss of the base model and of the result on the held-out set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<Evaluation>,
+
+    /// What the run has cost so far, and what it will cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
+
+    /// The result, once written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<Artifact>,
+
+    /// Names of the objects the operator created for this job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub children: Option<Children>,
+}
+
+/// One run of the trainer pods, from placement to exit.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Attempt {
+    /// 1 for the first attempt.
+    pub number: u32,
+    /// When the attempt's Job was created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the attempt ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<Time>,
+    /// Why it ended, as a reason such as Succeeded, Preempted, NodeLost, OutOfMemory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// A human-readable explanation, such as the trainer's termination message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The nodes its pods ran on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// The optimizer step it resumed from (0 for a fresh start).
+    #[serde(default)]
+    pub resumed_from_step: u64,
+}
+
+/// Training progress. Numbers with a fraction are decimal strings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// Optimizer steps in the whole run.
+    pub total_steps: u64,
+    /// Percent of the steps done, 0 to 100.
+    pub percent: u32,
+    /// Fractional epoch, such as "1.25".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    /// Training loss of the latest step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<String>,
+    /// Latest evaluation loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<String>,
+    /// Training throughput in tokens per second, across all ranks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<u64>,
+    /// Estimated seconds until the run ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<u64>,
+    /// When the trainer last reported a new step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_step_time: Option<Time>,
+    /// DPO metrics (method dpo): rewards of the chosen and rejected answers, preference
+    /// accuracy and margin.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, String>,
+}
+
+/// Evaluation of the result against the base model on the held-out set.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Evaluation {
+    /// Mean cross-entropy per target token of the base model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_eval_loss: Option<String>,
+    /// Mean cross-entropy per target token of the fine-tuned model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<String>,
+    /// Relative improvement (base − tuned) / base, such as "0.23".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub improvement: Option<String>,
+    /// Target tokens evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+}
+
+/// The compute cost of the run: GPU-seconds of every attempt's pods × the price of the
+/// GPU product (spot or on-demand) of the node each ran on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Cost {
+    /// The price table's currency, such as "USD".
+    pub currency: String,
+    /// Accrued cost so far, two decimal places.
+    pub amount: Money,
+    /// GPU-hours so far (core-hours for CPU jobs), as a decimal string.
+    pub gpu_hours: String,
+    /// GPU-hours of attempts that did not finish: time lost to restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_gpu_hours: Option<String>,
+    /// Estimated total cost at completion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_total: Option<Money>,
+    /// Rates applied, per GPU-hour, keyed by product and capacity type
+    /// ("NVIDIA-A100-SXM4-80GB/on-demand").
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rates: BTreeMap<String, Money>,
+    /// Per-attempt breakdown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<AttemptCost>,
+}
+
+/// The cost of one attempt.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptCost {
+    /// The attempt's number.
+    pub number: u32,
+    /// GPU-seconds consumed (GPUs × seconds running, summed over pods).
+    pub gpu_seconds: u64,
+    /// Cost of those seconds, two decimal places.
+    pub amount: Money,
+}
+
+/// The result of a succeeded job.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Artifact {
+    /// The PVC holding the result.
+    pub claim_name: String,
+    /// Directory inside the PVC.
+    pub path: String,
+    /// SHA-256 of the adapter weights file (adapter_model.safetensors) or, for full
+    /// fine-tuning, of the model index.
+    pub sha256: String,
+    /// Size in bytes of the weights.
+    pub size_bytes: u64,
+}
+
+/// The objects the operator owns for a FineTuneJob.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Children {
+    /// The batch/v1 Job of the current attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// The headless Service ranks find rank 0 through (method full).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The ConfigMap holding the trainer's configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<String>,
+}
