@@ -295,7 +295,7 @@ fn default_warn_percent() -> u32 {
 }
 
 /// Where and how the trainer pods are placed.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Scheduling {
     /// Kueue LocalQueue to submit to. The trainer Job is then created suspended with the
@@ -329,6 +329,18 @@ pub struct Scheduling {
 
 fn default_gang_timeout() -> u32 {
     600
+}
+
+impl Default for Scheduling {
+    fn default() -> Self {
+        Self {
+            queue_name: None,
+            priority_class_name: None,
+            tolerations: Vec::new(),
+            node_selector: BTreeMap::new(),
+            gang_timeout_seconds: default_gang_timeout(),
+        }
+    }
 }
 
 /// Where a FineTuneJob is in its life.
