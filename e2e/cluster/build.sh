@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the local cluster's components from the Go modules next to this script:
-#   kube/  -> kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy
+#   kube/  -> kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl
 #   etcd/  -> etcd
 #   kwok/  -> kwok
 #   helm/  -> helm
@@ -40,7 +40,7 @@ export GOCACHE="$cache_root/go-build"
 unset GOOS GOARCH
 
 modules=(kube etcd kwok helm)
-expected=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy etcd kwok helm)
+expected=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd kwok helm)
 
 go_version="$("$go_cmd" env GOVERSION) $("$go_cmd" env GOOS)/$("$go_cmd" env GOARCH)"
 hash="$(
@@ -130,7 +130,8 @@ build kube -ldflags "$kube_ldflags" -o "$tmp/" \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler \
   k8s.io/kubernetes/cmd/kubelet \
-  k8s.io/kubernetes/cmd/kube-proxy
+  k8s.io/kubernetes/cmd/kube-proxy \
+  k8s.io/kubernetes/cmd/kubectl
 
 for b in "${expected[@]}"; do
   [[ -x "$tmp/$b" ]] || { echo "build.sh: $b was not produced" >&2; exit 1; }
