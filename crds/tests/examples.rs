@@ -92,7 +92,9 @@ fn apply_defaults(schema: &Value, value: &mut Value) {
         }
         Value::Array(items) => {
             if let Some(item_schema) = schema.get("items") {
-                items.iter_mut().for_each(|item| apply_defaults(item_schema, item));
+                items
+                    .iter_mut()
+                    .for_each(|item| apply_defaults(item_schema, item));
             }
         }
         _ => {}
@@ -268,7 +270,11 @@ fn describe(refusals: &[Refusal]) -> String {
 #[test]
 fn every_example_is_accepted_by_the_schema_and_its_rules() {
     let all = examples(&workspace().join("examples"));
-    assert!(all.len() >= 5, "expected the five examples, found {}", all.len());
+    assert!(
+        all.len() >= 5,
+        "expected the five examples, found {}",
+        all.len()
+    );
     for example in all {
         let found = refusals(&example.object);
         assert!(
@@ -283,17 +289,25 @@ fn every_example_is_accepted_by_the_schema_and_its_rules() {
 #[test]
 fn every_invalid_example_is_refused_at_the_field_its_comment_names() {
     let all = examples(&workspace().join("examples/invalid"));
-    assert!(all.len() >= 20, "expected at least 20 invalid examples, found {}", all.len());
+    assert!(
+        all.len() >= 20,
+        "expected at least 20 invalid examples, found {}",
+        all.len()
+    );
     for example in all {
         let (field, message) = example.refused.as_ref().unwrap_or_else(|| {
-            panic!("{} lacks a `# refused: <field>: <message>` comment", example.path.display())
+            panic!(
+                "{} lacks a `# refused: <field>: <message>` comment",
+                example.path.display()
+            )
         });
         let found = refusals(&example.object);
         let matched = found.iter().any(|refusal| match refusal {
             Refusal::Schema { field: at, .. } => at == field,
-            Refusal::Rule { field: at, message: said } => {
-                at.trim_start_matches('.') == field && said.contains(message.as_str())
-            }
+            Refusal::Rule {
+                field: at,
+                message: said,
+            } => at.trim_start_matches('.') == field && said.contains(message.as_str()),
         });
         assert!(
             matched,
@@ -324,10 +338,26 @@ fn method_base_model_dataset_and_output_cannot_change_after_creation() {
         .expect("lora-a100.yaml exists")
         .object;
     let changes = [
-        ("/spec/method", serde_json::json!("qlora"), "method is immutable"),
-        ("/spec/baseModel/volume/path", serde_json::json!("other"), "baseModel is immutable"),
-        ("/spec/dataset/trainPath", serde_json::json!("other.jsonl"), "dataset is immutable"),
-        ("/spec/output/volume/path", serde_json::json!("elsewhere"), "output is immutable"),
+        (
+            "/spec/method",
+            serde_json::json!("qlora"),
+            "method is immutable",
+        ),
+        (
+            "/spec/baseModel/volume/path",
+            serde_json::json!("other"),
+            "baseModel is immutable",
+        ),
+        (
+            "/spec/dataset/trainPath",
+            serde_json::json!("other.jsonl"),
+            "dataset is immutable",
+        ),
+        (
+            "/spec/output/volume/path",
+            serde_json::json!("elsewhere"),
+            "output is immutable",
+        ),
     ];
     for (pointer, value, message) in changes {
         let mut changed = original.clone();
