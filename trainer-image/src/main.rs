@@ -1,1 +1,67 @@
-fn main() {}
+//! `kubetune-trainer`: parses flags, sets up JSON logging, runs the library, and maps
+//! the outcome to the exit-code contract documented in the library's crate docs.
+
+use clap::Parser;
+use kubetune_trainer::cli::{Cli, Command, run_eval, run_train};
+use kubetune_trainer::{exit_code, write_termination_log};
+
+fn main() {
+    tracing_subscriber::fmt()
+        .json()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(()) => 0,
+        Err(err) => {
+            let code = match err.downcast_ref::<kubetune_trainer::Error>() {
+                Some(trainer_err) => {
+                    if trainer_err.is_invalid_input() {
+                        write_termination_log(&trainer_err.to_string());
+                    }
+                    tracing::error!(error = %trainer_err, category = trainer_err.category(), "failed");
+                    exit_code(trainer_err)
+                }
+                None => {
+                    tracing::error!(error = %err, "failed");
+                    kubetune_trainer::EXIT_RETRYABLE
+                }
+            };
+            eprintln!("error: {err}");
+            code
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Eval(args) => {
+            let report = run_eval(&args)?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Train(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            let summary = runtime.block_on(run_train(*args))?;
+            let result = serde_json::json!({
+                "adapterSha256": summary.adapter.sha256,
+                "adapterSizeBytes": summary.adapter.size_bytes,
+                "baseEvalLoss": summary.base_eval_loss,
+                "evalLoss": summary.eval_loss,
+                "steps": summary.steps,
+            });
+            write_termination_log(&result.to_string());
+            println!("{result}");
+            // The runtime's server task never ends; do not wait for it.
+            runtime.shutdown_background();
+        }
+    }
+    Ok(())
+}

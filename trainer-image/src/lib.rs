@@ -1,0 +1,104 @@
+//! kubetune's trainer: the program in kubetune's trainer pods.
+//!
+//! It fine-tunes a Llama-architecture model (Llama 2/3, Mistral, Qwen2 checkpoints in
+//! Hugging Face's format) with LoRA on candle and writes an adapter in Hugging Face
+//! PEFT's format, which `PeftModel.from_pretrained` and vLLM load unchanged.
+//!
+//! # Pipeline
+//! [`config`] and [`model`] read the checkpoint (memory-mapped safetensors) into a
+//! decoder built from differentiable ops ([`ops`]) with adapters ([`lora`]);
+//! [`tokenizer`] and [`data`] turn JSONL into masked token batches; [`train`] runs
+//! AdamW ([`optim`]) with checkpoints ([`checkpoint`]) and writes the adapter
+//! ([`adapter`]); [`progress`] serves live progress; [`cli`] is the command line.
+//!
+//! # Interfaces
+//! - `kubetune-trainer train --config FILE`: the `TrainerConfig` (from
+//!   `kubetune-crds`) the operator mounts, JSON or YAML.
+//! - `kubetune-trainer train --model DIR --data FILE --out DIR [--format
+//!   chat|instruction|text] [--epochs N | --max-steps N] [--lr X] [--rank R] ...`:
+//!   standalone, defaults as in the CRD.
+//! - `kubetune-trainer eval --model DIR [--adapter DIR] --data FILE [--format ...]`
+//!   prints one JSON line `{"loss": <mean cross-entropy per target token>, "tokens": N}`.
+//! - While training: `GET /progress` (JSON), `/metrics` (Prometheus), `/healthz` on
+//!   `--progress-addr` or `KUBETUNE_PROGRESS_ADDR` (default `0.0.0.0:8080`); logs are
+//!   JSON lines on stderr.
+//!
+//! # Outputs
+//! `OUTPUT/adapter_config.json`, `OUTPUT/adapter_model.safetensors` and
+//! `OUTPUT/metrics.json` (loss history, base and tuned eval loss, tokens/s, the
+//! adapter's sha256 and size). Checkpoints go to `checkpoint_dir/checkpoint-NNNNNNNN`.
+//!
+//! # Exit codes (the operator relies on these)
+//! - `0`: success. The termination log holds one JSON object
+//!   `{"adapterSha256", "adapterSizeBytes", "baseEvalLoss", "evalLoss", "steps"}`.
+//! - `2`: invalid input that no retry can fix: a bad dataset line (reported as
+//!   `FILE:LINE: message`), a missing file, an unsupported architecture or method, a
+//!   LoRA rank that does not fit the model, a checkpoint directory written by a run
+//!   with different settings. The message is also written to the termination log.
+//! - `143`: stopped by SIGTERM (or Ctrl-C) after writing a checkpoint; retry resumes.
+//! - any other non-zero code (normally `1`): a retryable failure.
+//!
+//! The termination log is the file named by `KUBETUNE_TERMINATION_LOG` (default
+//! `/dev/termination-log`, Kubernetes' `terminationMessagePath`); failing to write it
+//! is ignored.
+//!
+//! # Devices
+//! CPU by default, in f32. The `cuda` cargo feature builds candle's CUDA backend (it
+//! needs nvcc and `CUDA_COMPUTE_CAP` at build time) and trains on GPU 0 in bf16, with
+//! the adapters and optimizer state in f32.
+//!
+//! # candle and autograd
+//! candle's fused softmax, RMSNorm and RoPE kernels have no backward and silently cut
+//! the graph, and its matmul computes weight gradients even for frozen weights; the
+//! decoder therefore uses its own differentiable compositions and a frozen-linear op
+//! ([`ops`]). Tests check that every adapter tensor gets a gradient that matches
+//! finite differences.
+
+pub mod adapter;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod lora;
+pub mod model;
+pub mod ops;
+pub mod optim;
+pub mod progress;
+pub mod rng;
+pub mod test_support;
+pub mod tokenizer;
+pub mod train;
+
+pub use error::{Error, Result};
+
+/// Exit code for invalid input.
+pub const EXIT_INVALID_INPUT: i32 = 2;
+/// Exit code after a SIGTERM-triggered checkpoint.
+pub const EXIT_INTERRUPTED: i32 = 143;
+/// Exit code for other (retryable) failures.
+pub const EXIT_RETRYABLE: i32 = 1;
+
+/// The exit code for a failure (see the crate docs).
+pub fn exit_code(error: &Error) -> i32 {
+    if error.is_invalid_input() {
+        EXIT_INVALID_INPUT
+    } else if matches!(error, Error::Interrupted { .. }) {
+        EXIT_INTERRUPTED
+    } else {
+        EXIT_RETRYABLE
+    }
+}
+
+/// Writes `message` to the termination log (`KUBETUNE_TERMINATION_LOG`, default
+/// `/dev/termination-log`), ignoring failures: outside Kubernetes there is none.
+pub fn write_termination_log(message: &str) {
+    let path = std::env::var_os("KUBETUNE_TERMINATION_LOG")
+        .unwrap_or_else(|| "/dev/termination-log".into());
+    // Kubernetes keeps at most 4096 bytes.
+    let mut end = message.len().min(4096);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let _ = std::fs::write(path, &message[..end]);
+}

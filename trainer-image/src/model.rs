@@ -1,0 +1,535 @@
+//! A Llama-architecture decoder built from differentiable pieces, with LoRA adapters on
+//! chosen linear layers.
+//!
+//! It reads a Hugging Face checkpoint directory (`config.json` and one or more
+//! memory-mapped `*.safetensors` shards) and runs grouped-query attention with RoPE
+//! (Llama 3 scaling included), RMSNorm and a SwiGLU MLP, with tied or untied
+//! embeddings. Base weights are frozen: every base matmul goes through
+//! [`crate::ops::frozen_linear`], so backward computes input gradients only. The one
+//! trainable state is the set of [`LoraPair`]s.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{D, DType, Device, Tensor, Var};
+use kubetune_crds::training::TargetModule;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::lora::{DropoutKey, LoraPair, LoraSettings, dropout_mask};
+use crate::ops::{frozen_linear, log_softmax_last_dim, rms_norm, rope, softmax_last_dim};
+use crate::rng::Rng;
+
+/// The device the trainer computes on: the first CUDA GPU with the `cuda` feature,
+/// the CPU otherwise.
+pub fn default_device() -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        Ok(Device::cuda_if_available(0)?)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Ok(Device::Cpu)
+    }
+}
+
+/// The dtype of base weights and activations: bf16 on GPUs, f32 on CPUs (candle has no
+/// bf16 matmul on CPU).
+pub fn compute_dtype(dev: &Device) -> DType {
+    if dev.is_cuda() { DType::BF16 } else { DType::F32 }
+}
+
+/// A frozen linear layer, possibly with a bias and an adapter.
+#[derive(Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    /// The adapter, when this layer is a LoRA target.
+    pub lora: Option<LoraPair>,
+    module: TargetModule,
+}
+
+/// How a forward pass runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Pass {
+    /// Apply the adapters (false: the base model, e.g. DPO's reference or "base eval").
+    pub adapters: bool,
+    /// Dropout masks to draw, while training; `None` in evaluation.
+    pub dropout: Option<DropoutKey>,
+}
+
+impl Pass {
+    /// Evaluation with adapters on and no dropout.
+    pub const EVAL: Self = Self {
+        adapters: true,
+        dropout: None,
+    };
+    /// The base model alone.
+    pub const BASE: Self = Self {
+        adapters: false,
+        dropout: None,
+    };
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor, layer: usize, lora: &LoraSettings, pass: Pass) -> Result<Tensor> {
+        let mut y = frozen_linear(x, &self.weight)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        let Some(pair) = self.lora.as_ref().filter(|_| pass.adapters) else {
+            return Ok(y);
+        };
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_dim;
+        let mut xa = x.reshape((rows, in_dim))?.to_dtype(DType::F32)?;
+        if let Some(key) = pass.dropout.filter(|_| lora.dropout > 0.0) {
+            let mask = dropout_mask(key, layer, self.module, lora.dropout, (rows, in_dim), x.device())?;
+            xa = (xa * mask)?;
+        }
+        let update = xa
+            .matmul(&pair.a.as_tensor().t()?)?
+            .matmul(&pair.b.as_tensor().t()?)?;
+        let update = (update * lora.scaling())?.to_dtype(y.dtype())?;
+        let shape = y.shape().clone();
+        Ok((y + update.reshape(shape)?)?)
+    }
+
+    /// The weight with the adapter merged in: `W + s·B·A`.
+    pub fn merged_weight(&self, scaling: f64) -> Result<Tensor> {
+        match &self.lora {
+            None => Ok(self.weight.clone()),
+            Some(pair) => {
+                let delta = pair.delta(scaling)?.to_dtype(self.weight.dtype())?;
+                Ok((&self.weight + delta)?)
+            }
+        }
+    }
+
+    /// Replaces the weight by the merged one and drops the adapter.
+    pub fn merge(&mut self, scaling: f64) -> Result<()> {
+        self.weight = self.merged_weight(scaling)?;
+        self.lora = None;
+        Ok(())
+    }
+
+    /// `[out, in]` of the base weight.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        Ok(self.weight.dims2()?)
+    }
+}
+
+/// One decoder block.
+#[derive(Debug)]
+pub struct Block {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Block {
+    /// The block's linear layers in checkpoint order.
+    pub fn linears(&self) -> [&Linear; 7] {
+        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
+    }
+
+    fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+
+    /// The linear layer for a module name.
+    pub fn linear(&self, module: TargetModule) -> &Linear {
+        self.linears()[module as usize]
+    }
+
+    fn linear_mut(&mut self, module: TargetModule) -> &mut Linear {
+        let index = module as usize;
+        self.linears_mut().into_iter().nth(index).expect("seven linears")
+    }
+}
+
+/// Per-batch tensors the blocks share: RoPE tables and the causal mask.
+#[derive(Debug)]
+pub struct Positions {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+}
+
+/// A Llama-family decoder with optional LoRA adapters.
+#[derive(Debug)]
+pub struct Llama {
+    /// The checkpoint's configuration.
+    pub config: ModelConfig,
+    /// The adapter settings.
+    pub lora: LoraSettings,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    dtype: DType,
+    device: Device,
+}
+
+/// The safetensors shards of a checkpoint directory, in name order.
+pub fn checkpoint_shards(model_dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(model_dir).map_err(|err| {
+        if err.kind() == std::io::ErrorKind::NotFound {
+            Error::invalid(format!("model directory {} does not exist", model_dir.display()))
+        } else {
+            Error::io("list", model_dir)(err)
+        }
+    })?;
+    let mut shards = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(Error::io("list", model_dir))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.ends_with(".safetensors") && !name.starts_with("adapter_") {
+            shards.push(path);
+        }
+    }
+    shards.sort();
+    if shards.is_empty() {
+        return Err(Error::invalid(format!(
+            "model directory {} has no *.safetensors weights",
+            model_dir.display()
+        )));
+    }
+    Ok(shards)
+}
+
+struct Weights {
+    st: MmapedSafetensors,
+    dtype: DType,
+    device: Device,
+    dir: PathBuf,
+}
+
+impl Weights {
+    fn open(model_dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let shards = checkpoint_shards(model_dir)?;
+        // SAFETY: the checkpoint files are mapped read-only and the trainer never writes
+        // to them; a change by another process while mapped would be outside the
+        // contract of a checkpoint directory (the operator mounts it read-only).
+        #[allow(unsafe_code)]
+        let st = unsafe { MmapedSafetensors::multi(&shards) }.map_err(|err| {
+            Error::invalid(format!(
+                "failed to read safetensors in {}: {err}",
+                model_dir.display()
+            ))
+        })?;
+        Ok(Self {
+            st,
+            dtype,
+            device: device.clone(),
+            dir: model_dir.to_owned(),
+        })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.st.get(name).is_ok()
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let tensor = self.st.load(name, &self.device).map_err(|_| {
+            Error::invalid(format!(
+                "checkpoint {} has no tensor {name}",
+                self.dir.display()
+            ))
+        })?;
+        if tensor.dims() != shape {
+            return Err(Error::invalid(format!(
+                "tensor {name} has shape {:?}, config.json implies {shape:?}",
+                tensor.dims()
+            )));
+        }
+        Ok(tensor.to_dtype(self.dtype)?)
+    }
+}
+
+impl Llama {
+    /// Loads a checkpoint directory onto `device` without adapters.
+    pub fn load(model_dir: &Path, device: &Device) -> Result<Self> {
+        let config = ModelConfig::load(model_dir)?;
+        let dtype = compute_dtype(device);
+        let w = Weights::open(model_dir, dtype, device)?;
+        let h = config.hidden_size;
+        let inter = config.intermediate_size;
+        let hd = config.head_dim();
+        let q_out = config.num_attention_heads * hd;
+        let kv_out = config.kv_heads() * hd;
+        let embed = w.get("model.embed_tokens.weight", &[config.vocab_size, h])?;
+        let mut blocks = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let linear = |name: &str, module, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                Ok(Linear {
+                    weight: w.get(&format!("{p}.{name}.weight"), &[out, inp])?,
+                    bias: if bias {
+                        Some(w.get(&format!("{p}.{name}.bias"), &[out])?)
+                    } else {
+                        None
+                    },
+                    lora: None,
+                    module,
+                })
+            };
+            let qkv_bias = config.qkv_bias();
+            blocks.push(Block {
+                input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                q: linear("self_attn.q_proj", TargetModule::QProj, q_out, h, qkv_bias)?,
+                k: linear("self_attn.k_proj", TargetModule::KProj, kv_out, h, qkv_bias)?,
+                v: linear("self_attn.v_proj", TargetModule::VProj, kv_out, h, qkv_bias)?,
+                o: linear("self_attn.o_proj", TargetModule::OProj, h, q_out, false)?,
+                gate: linear("mlp.gate_proj", TargetModule::GateProj, inter, h, false)?,
+                up: linear("mlp.up_proj", TargetModule::UpProj, inter, h, false)?,
+                down: linear("mlp.down_proj", TargetModule::DownProj, h, inter, false)?,
+            });
+        }
+        let norm = w.get("model.norm.weight", &[h])?;
+        let lm_head = if config.tie_word_embeddings && !w.has("lm_head.weight") {
+            None
+        } else {
+            Some(w.get("lm_head.weight", &[config.vocab_size, h])?)
+        };
+        Ok(Self {
+            config,
+            lora: LoraSettings {
+                rank: 0,
+                alpha: 0.0,
+                dropout: 0.0,
+                rs_lora: false,
+                targets: Vec::new(),
+            },
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The decoder blocks.
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    /// Adds fresh adapters (PEFT's init) to every target module of every block. The
+    /// draws for A come from `rng` in block then module order.
+    pub fn add_lora(&mut self, settings: LoraSettings, rng: &mut Rng) -> Result<()> {
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            for &module in &settings.targets {
+                let linear = block.linear_mut(module);
+                let (out, inp) = linear.dims()?;
+                if settings.rank == 0 || settings.rank > out.min(inp) {
+                    return Err(Error::invalid(format!(
+                        "LoRA rank {} does not fit layer {i} {} of shape [{out}, {inp}]: it must be between 1 and {}",
+                        settings.rank,
+                        module.as_str(),
+                        out.min(inp)
+                    )));
+                }
+                linear.lora = Some(LoraPair::init(inp, out, settings.rank, rng, &self.device)?);
+            }
+        }
+        self.lora = settings;
+        Ok(())
+    }
+
+    /// Sets adapters from tensors named by (layer, module), replacing any present.
+    pub fn set_lora(
+        &mut self,
+        settings: LoraSettings,
+        pairs: Vec<(usize, TargetModule, LoraPair)>,
+    ) -> Result<()> {
+        for block in &mut self.blocks {
+            for linear in block.linears_mut() {
+                linear.lora = None;
+            }
+        }
+        for (layer, module, pair) in pairs {
+            let block = self.blocks.get_mut(layer).ok_or_else(|| {
+                Error::invalid(format!("adapter has layer {layer}, the model has fewer layers"))
+            })?;
+            let linear = block.linear_mut(module);
+            let (out, inp) = linear.dims()?;
+            let a = pair.a.as_tensor().dims2()?;
+            let b = pair.b.as_tensor().dims2()?;
+            if a != (settings.rank, inp) || b != (out, settings.rank) {
+                return Err(Error::invalid(format!(
+                    "adapter for layer {layer} {} has A {a:?} and B {b:?}, expected A [{}, {inp}] and B [{out}, {}]",
+                    module.as_str(),
+                    settings.rank,
+                    settings.rank
+                )));
+            }
+            linear.lora = Some(pair);
+        }
+        self.lora = settings;
+        Ok(())
+    }
+
+    /// Every adapter tensor with its PEFT key, in a fixed order (layer, module, A then B).
+    pub fn lora_params(&self) -> Vec<(String, &Var)> {
+        let mut params = Vec::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            for linear in block.linears() {
+                if let Some(pair) = &linear.lora {
+                    let key = peft_key(i, linear.module);
+                    params.push((format!("{key}.lora_A.weight"), &pair.a));
+                    params.push((format!("{key}.lora_B.weight"), &pair.b));
+                }
+            }
+        }
+        params
+    }
+
+    /// Folds every adapter into its base weight (`W + s·B·A`).
+    pub fn merge_lora(&mut self) -> Result<()> {
+        let scaling = self.lora.scaling();
+        for block in &mut self.blocks {
+            for linear in block.linears_mut() {
+                linear.merge(scaling)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Token embeddings `[batch, seq, hidden]` of `ids` (`[batch, seq]`, u32).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let flat = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        Ok(flat.reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// RoPE tables and the causal (optionally sliding-window) mask for `seq` positions.
+    pub fn positions(&self, seq: usize) -> Result<Positions> {
+        let inv_freq = self.config.inv_freq();
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(seq * half * 2);
+        let mut sin = Vec::with_capacity(seq * half * 2);
+        for pos in 0..seq {
+            for _half in 0..2 {
+                for f in &inv_freq {
+                    let angle = pos as f64 * f;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+        }
+        let window = self.config.sliding_window.unwrap_or(usize::MAX);
+        let mask: Vec<f32> = (0..seq * seq)
+            .map(|ij| {
+                let (i, j) = (ij / seq, ij % seq);
+                if j > i || i - j >= window { f32::NEG_INFINITY } else { 0.0 }
+            })
+            .collect();
+        let dev = &self.device;
+        Ok(Positions {
+            cos: Tensor::from_vec(cos, (seq, half * 2), dev)?.to_dtype(self.dtype)?,
+            sin: Tensor::from_vec(sin, (seq, half * 2), dev)?.to_dtype(self.dtype)?,
+            mask: Tensor::from_vec(mask, (seq, seq), dev)?.to_dtype(self.dtype)?,
+        })
+    }
+
+    /// Runs block `index` on `x` (`[batch, seq, hidden]`).
+    pub fn block_forward(&self, index: usize, x: &Tensor, pos: &Positions, pass: Pass) -> Result<Tensor> {
+        let block = &self.blocks[index];
+        let cfg = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let lin = |l: &Linear, x: &Tensor| l.forward(x, index, &self.lora, pass);
+
+        let h = rms_norm(x, &block.input_norm, cfg.rms_norm_eps)?;
+        let q = lin(&block.q, &h)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+        let k = lin(&block.k, &h)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let v = lin(&block.v, &h)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let q = rope(&q.contiguous()?, &pos.cos, &pos.sin)?;
+        let k = rope(&k.contiguous()?, &pos.cos, &pos.sin)?;
+        let (k, v) = if nh == nkv {
+            (k, v.contiguous()?)
+        } else {
+            let rep = nh / nkv;
+            let expand = |x: &Tensor| -> Result<Tensor> {
+                Ok(x.unsqueeze(2)?
+                    .broadcast_as((b, nkv, rep, t, hd))?
+                    .reshape((b, nh, t, hd))?)
+            };
+            (expand(&k)?, expand(&v)?)
+        };
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let probs = softmax_last_dim(&scores.broadcast_add(&pos.mask)?)?;
+        let attn = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        let x = (x + lin(&block.o, &attn)?)?;
+
+        let h = rms_norm(&x, &block.post_norm, cfg.rms_norm_eps)?;
+        let gated = (lin(&block.gate, &h)?.silu()? * lin(&block.up, &h)?)?;
+        Ok((&x + lin(&block.down, &gated)?)?)
+    }
+
+    /// Summed cross-entropy (f32 scalar) of the hidden states `h` (`[batch, seq,
+    /// hidden]`, the last block's output) predicting `targets` at the flattened
+    /// positions `rows`. Only those rows go through the final norm and the LM head, so
+    /// prompt and padding positions cost nothing.
+    pub fn head_loss_sum(&self, h: &Tensor, rows: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let hidden = self.config.hidden_size;
+        let flat = h.reshape((h.elem_count() / hidden, hidden))?;
+        let picked = flat.index_select(rows, 0)?;
+        let normed = rms_norm(&picked, &self.norm, self.config.rms_norm_eps)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = frozen_linear(&normed, head)?.to_dtype(DType::F32)?;
+        let logp = log_softmax_last_dim(&logits)?;
+        let picked = logp.gather(&targets.unsqueeze(1)?, D::Minus1)?;
+        Ok(picked.sum_all()?.neg()?)
+    }
+
+    /// Logits `[batch, seq, vocab]` (f32) of a full forward pass, for inspection and tests.
+    pub fn logits(&self, ids: &Tensor, pass: Pass) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let pos = self.positions(t)?;
+        let mut x = self.embed(ids)?;
+        for i in 0..self.blocks.len() {
+            x = self.block_forward(i, &x, &pos, pass)?;
+        }
+        let normed = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Ok(frozen_linear(&normed, head)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// PEFT's key prefix for a module of a layer, e.g.
+/// `base_model.model.model.layers.0.self_attn.q_proj`.
+pub fn peft_key(layer: usize, module: TargetModule) -> String {
+    let group = match module {
+        TargetModule::QProj | TargetModule::KProj | TargetModule::VProj | TargetModule::OProj => {
+            "self_attn"
+        }
+        TargetModule::GateProj | TargetModule::UpProj | TargetModule::DownProj => "mlp",
+    };
+    format!("base_model.model.model.layers.{layer}.{group}.{}", module.as_str())
+}

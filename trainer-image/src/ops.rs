@@ -1,0 +1,167 @@
+//! Differentiable building blocks the decoder is made of.
+//!
+//! candle's fused kernels for softmax, RMSNorm and RoPE have no backward pass and cut
+//! the autograd graph silently (see the crate docs), so these are written from ops that
+//! do differentiate. [`frozen_linear`] is the one custom op: a matmul by a frozen
+//! weight whose backward returns only the input's gradient, which saves the weight-
+//! gradient GEMM and a weight-sized buffer per linear layer that candle's own matmul
+//! would compute and keep.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Shape, Tensor};
+
+use crate::error::Result;
+
+/// `x · Wᵀ` for a frozen weight `W` of shape `[out, in]`.
+#[derive(Debug)]
+struct FrozenLinear;
+
+fn frozen_fwd<S: BackendStorage>(
+    xs: &S,
+    xl: &Layout,
+    ws: &S,
+    wl: &Layout,
+) -> candle_core::Result<(S, Shape)> {
+    let (m, k) = xl.shape().dims2()?;
+    let (n, k2) = wl.shape().dims2()?;
+    if k != k2 {
+        candle_core::bail!("frozen linear: input width {k} but weight is [{n}, {k2}]");
+    }
+    let wt = wl.transpose(0, 1)?;
+    let out = xs.matmul(ws, (1, m, n, k), xl, &wt)?;
+    Ok((out, Shape::from((m, n))))
+}
+
+impl CustomOp2 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        frozen_fwd(xs, xl, ws, wl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        frozen_fwd(xs, xl, ws, wl)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // dL/dx = dL/dy · W; the frozen weight gets no gradient at all.
+        Ok((Some(grad.contiguous()?.matmul(weight)?), None))
+    }
+}
+
+/// `x · Wᵀ` over the last dimension of `x` (any leading shape), with `W` frozen.
+pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let (last, lead) = dims.split_last().expect("linear input has at least one dim");
+    let rows: usize = lead.iter().product();
+    let x2 = x.reshape((rows, *last))?;
+    let x2 = if x2.is_contiguous() { x2 } else { x2.contiguous()? };
+    let y = x2.apply_op2(weight, FrozenLinear)?;
+    let mut out_shape = lead.to_vec();
+    out_shape.push(weight.dim(0)?);
+    Ok(y.reshape(out_shape)?)
+}
+
+/// RMSNorm in f32, `x / sqrt(mean(x²) + eps) · w`, cast back to `x`'s dtype.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = xf.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    Ok(normed.to_dtype(dtype)?.broadcast_mul(weight)?)
+}
+
+/// Softmax over the last dimension. The max is detached: softmax does not depend on
+/// it, so its gradient is zero anyway and need not be computed.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&sum)?)
+}
+
+/// `log softmax` over the last dimension (for the loss).
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// Rotary embedding in Hugging Face's half-split layout: `x·cos + rotate_half(x)·sin`
+/// for `x` of shape `[batch, heads, seq, head_dim]` and tables of shape `[seq, head_dim]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    #[test]
+    fn frozen_linear_matches_matmul_and_gives_the_weight_no_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(
+            &Tensor::arange(0f32, 24.0, &dev)
+                .expect("arange")
+                .reshape((2, 3, 4))
+                .expect("reshape"),
+        )
+        .expect("var");
+        let w = Tensor::arange(0f32, 20.0, &dev)
+            .expect("arange")
+            .affine(0.1, -1.0)
+            .expect("affine")
+            .reshape((5, 4))
+            .expect("reshape");
+        let y = frozen_linear(x.as_tensor(), &w).expect("forward");
+        let reference = x.as_tensor().broadcast_matmul(&w.t().expect("t")).expect("mm");
+        let diff = (y.clone() - reference)
+            .expect("sub")
+            .abs()
+            .expect("abs")
+            .max_all()
+            .expect("max")
+            .to_scalar::<f32>()
+            .expect("scalar");
+        assert!(diff < 1e-5, "forward differs by {diff}");
+        let grads = y.sum_all().expect("sum").backward().expect("backward");
+        assert!(grads.get(&w).is_none(), "the frozen weight got a gradient");
+        let gx = grads.get(x.as_tensor()).expect("input gradient");
+        // d(sum(x Wᵀ))/dx = column sums of W, the same for every row.
+        let expected = w.sum(0).expect("sum").to_vec1::<f32>().expect("vec");
+        let got = gx.reshape((6, 4)).expect("reshape").to_vec2::<f32>().expect("vec");
+        for row in got {
+            for (a, b) in row.iter().zip(&expected) {
+                assert!((a - b).abs() < 1e-5);
+            }
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! The training loop: LoRA fine-tuning with AdamW, gradient accumulation, clipping,
+//! a warmup schedule, evaluation before and after, checkpoints and exact resume.
+//!
+//! The data stream is the concatenation of epochs, each a seed-fixed permutation of the
+//! training set cut into micro-batches; optimizer step `k` consumes micro-batches
+//! `[k·accum, (k+1)·accum)`. Everything random is a function of the seed and a position
+//! in that stream, so a checkpoint needs only the step, the stream position and the
+//! generator state to continue bit-identically.
+//!
+//! The loss of a step is the mean cross-entropy per target token over all its
+//! micro-batches (each micro-batch's summed loss is divided by the step's total target
+//! count, so gradients do not depend on how tokens fall into micro-batches).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use kubetune_crds::training::{DatasetFormat, Scheduler};
+use serde::Serialize;
+
+use crate::adapter::{Artifact, save_adapter, write_atomic};
+use crate::checkpoint::{TrainerState, list_checkpoints, resume_latest, save_checkpoint};
+use crate::data::{Batch, Example, epoch_order, load_dataset, make_batch, split_eval};
+use crate::error::{Error, Result};
+use crate::lora::{DropoutKey, LoraSettings};
+use crate::model::{Llama, Pass};
+use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, learning_rate};
+use crate::progress::{SharedProgress, update};
+use crate::rng::Rng;
+use crate::tokenizer::TextTokenizer;
+
+/// Everything a training run needs, resolved from the operator's config or the CLI.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    /// Hugging Face checkpoint directory.
+    pub model_dir: PathBuf,
+    /// Name recorded as `base_model_name_or_path`.
+    pub base_model_name: Option<String>,
+    /// Training JSONL.
+    pub train_file: PathBuf,
+    /// Eval JSONL, if any.
+    pub eval_file: Option<PathBuf>,
+    /// Percent of the training set held out when there is no eval file.
+    pub eval_split_percent: u32,
+    /// Dataset format.
+    pub format: DatasetFormat,
+    /// Where the adapter and metrics go.
+    pub output_dir: PathBuf,
+    /// Where checkpoints go and are resumed from.
+    pub checkpoint_dir: PathBuf,
+    /// Passes over the data (ignored with `max_steps`).
+    pub epochs: u64,
+    /// Fixed number of optimizer steps.
+    pub max_steps: Option<u64>,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Longest sequence; longer ones are truncated.
+    pub max_seq_length: usize,
+    /// Warmup steps.
+    pub warmup_steps: u64,
+    /// Decay after warmup.
+    pub scheduler: Scheduler,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Global-norm clip (0: off).
+    pub max_grad_norm: f64,
+    /// Seed for init, data order and dropout.
+    pub seed: u64,
+    /// The adapter.
+    pub lora: LoraSettings,
+    /// Steps between checkpoints.
+    pub checkpoint_every: u64,
+    /// Checkpoints kept.
+    pub checkpoint_keep: usize,
+    /// Layer-wise recompute: keep only block inputs during forward and re-run each
+    /// block in backward (less memory, about one more forward of compute).
+    pub recompute: bool,
+    /// Behave as if SIGTERM arrived right after this step (for tests and drills).
+    pub interrupt_after_step: Option<u64>,
+}
+
+/// What a finished run reports (also written as `metrics.json`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunSummary {
+    /// Optimizer steps taken in total.
+    pub steps: u64,
+    /// Training examples.
+    pub train_examples: usize,
+    /// Eval examples.
+    pub eval_examples: usize,
+    /// Mean loss of each step.
+    pub loss_history: Vec<f64>,
+    /// Eval loss of the base model before training.
+    pub base_eval_loss: Option<f64>,
+    /// Eval loss of the tuned model.
+    pub eval_loss: Option<f64>,
+    /// Training tokens (non-padding inputs) over the whole run.
+    pub tokens_seen: u64,
+    /// Throughput of the last attempt.
+    pub tokens_per_second: f64,
+    /// Wall time of the last attempt.
+    pub duration_seconds: f64,
+    /// Step the last attempt resumed from (0: fresh start).
+    pub resumed_from_step: u64,
+    /// The adapter file's hash and size.
+    pub adapter: Artifact,
+}
+
+/// Summed loss and the target count of a dataset under `pass`.
+pub fn evaluate(model: &Llama, examples: &[Example], batch_size: usize, pad_id: u32, pass: Pass) -> Result<(f64, usize)> {
+    let mut total = 0.0;
+    let mut count = 0;
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let batch = make_batch(&refs, pad_id, model.device())?;
+        let (_, t) = batch.ids.dims2()?;
+        let pos = model.positions(t)?;
+        let mut x = model.embed(&batch.ids)?;
+        for i in 0..model.blocks().len() {
+            x = model.block_forward(i, &x, &pos, pass)?.detach();
+        }
+        let loss = model.head_loss_sum(&x, &batch.rows, &batch.targets)?;
+        total += f64::from(loss.to_scalar::<f32>()?);
+        count += batch.target_count;
+    }
+    Ok((total, count))
+}
+
+/// Mean eval loss per target token, or `None` for an empty set.
+fn mean_eval(model: &Llama, examples: &[Example], batch_size: usize, pad_id: u32, pass: Pass) -> Result<Option<f64>> {
+    if examples.is_empty() {
+        return Ok(None);
+    }
+    let (sum, count) = evaluate(model, examples, batch_size, pad_id, pass)?;
+    Ok(Some(sum / count.max(1) as f64))
+}
+
+/// Forward and backward of one micro-batch; returns its summed loss and the gradient
+/// of `scale · loss` for each of `params` (zeros where a parameter got none).
+pub fn forward_backward(
+    model: &Llama,
+    batch: &Batch,
+    params: &[&Var],
+    scale: f64,
+    pass: Pass,
+    recompute: bool,
+) -> Result<(f64, Vec<Tensor>)> {
+    let (_, t) = batch.ids.dims2()?;
+    let pos = model.positions(t)?;
+    let x0 = model.embed(&batch.ids)?;
+    let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
+    let mut collect = |store: &candle_core::backprop::GradStore| -> Result<()> {
+        for (slot, p) in grads.iter_mut().zip(params) {
+            if let Some(g) = store.get(p.as_tensor()) {
+                *slot = Some(match slot.take() {
+                    Some(prev) => (prev + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        Ok(())
+    };
+    let loss_value;
+    if recompute {
+        // Forward keeping only each block's input; the graph of a block is dropped as
+        // soon as its output is detached.
+        let mut inputs = Vec::with_capacity(model.blocks().len());
+        let mut x = x0;
+        for i in 0..model.blocks().len() {
+            let out = model.block_forward(i, &x, &pos, pass)?.detach();
+            inputs.push(x);
+            x = out;
+        }
+        let h = Var::from_tensor(&x)?;
+        let loss = model.head_loss_sum(h.as_tensor(), &batch.rows, &batch.targets)?;
+        loss_value = f64::from(loss.to_scalar::<f32>()?);
+        let store = (loss * scale)?.backward()?;
+        collect(&store)?;
+        let mut upstream = store
+            .get(h.as_tensor())
+            .ok_or_else(|| Error::Tensor(candle_core::Error::Msg("no gradient reached the last block".into())))?
+            .detach();
+        for i in (0..model.blocks().len()).rev() {
+            let input = Var::from_tensor(&inputs[i])?;
+            let out = model.block_forward(i, input.as_tensor(), &pos, pass)?;
+            // d(Σ out·g)/dθ = gᵀ·∂out/∂θ: the vector-Jacobian product we need.
+            let store = (out * &upstream)?.sum_all()?.backward()?;
+            collect(&store)?;
+            if i > 0 {
+                upstream = store
+                    .get(input.as_tensor())
+                    .ok_or_else(|| Error::Tensor(candle_core::Error::Msg(format!("no gradient reached block {i}'s input"))))?
+                    .detach();
+            }
+        }
+    } else {
+        let mut x = x0;
+        for i in 0..model.blocks().len() {
+            x = model.block_forward(i, &x, &pos, pass)?;
+        }
+        let loss = model.head_loss_sum(&x, &batch.rows, &batch.targets)?;
+        loss_value = f64::from(loss.to_scalar::<f32>()?);
+        let store = (loss * scale)?.backward()?;
+        collect(&store)?;
+    }
+    let grads = grads
+        .into_iter()
+        .zip(params)
+        .map(|(g, p)| match g {
+            Some(g) => Ok(g),
+            None => Ok(p.as_tensor().zeros_like()?),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((loss_value, grads))
+}
+
+/// Signals the loop watches between steps.
+#[derive(Clone, Debug, Default)]
+pub struct Control {
+    /// Set by SIGTERM: checkpoint after the current step, then stop.
+    pub stop: Arc<AtomicBool>,
+    /// Where progress is published.
+    pub progress: SharedProgress,
+}
+
+/// A loaded model, tokenizer and datasets, ready to train.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The model with fresh adapters.
+    pub model: Llama,
+    /// The tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// Training examples.
+    pub train: Vec<Example>,
+    /// Eval examples (possibly none).
+    pub eval: Vec<Example>,
+}
+
+/// Loads and validates everything before the first step.
+pub fn prepare(opts: &TrainOptions, device: &Device) -> Result<Prepared> {
+    if opts.batch_size == 0 || opts.grad_accum == 0 {
+        return Err(Error::invalid("batchSize and gradientAccumulationSteps must be at least 1"));
+    }
+    if !(opts.learning_rate > 0.0 && opts.learning_rate <= 1.0) {
+        return Err(Error::invalid(format!("learning rate {} must be above 0 and at most 1", opts.learning_rate)));
+    }
+    if !(0.0..1.0).contains(&opts.lora.dropout) {
+        return Err(Error::invalid(format!("LoRA dropout {} must be in [0, 1)", opts.lora.dropout)));
+    }
+    if opts.lora.targets.is_empty() {
+        return Err(Error::invalid("LoRA needs at least one target module"));
+    }
+    let mut model = Llama::load(&opts.model_dir, device)?;
+    let tokenizer = TextTokenizer::load(&opts.model_dir, &model.config)?;
+    if tokenizer.vocab_size() > model.config.vocab_size {
+        return Err(Error::invalid(format!(
+            "the tokenizer has {} tokens but the model's vocabulary is {}",
+            tokenizer.vocab_size(),
+            model.config.vocab_size
+        )));
+    }
+    let all = load_dataset(&opts.train_file, opts.format, &tokenizer, opts.max_seq_length)?;
+    let (train, eval) = match &opts.eval_file {
+        Some(path) => (all, load_dataset(path, opts.format, &tokenizer, opts.max_seq_length)?),
+        None => split_eval(all, opts.eval_split_percent, opts.seed)?,
+    };
+    model.add_lora(opts.lora.clone(), &mut Rng::derive(opts.seed, 0x696e_6974, 0))?;
+    Ok(Prepared {
+        model,
+        tokenizer,
+        train,
+        eval,
+    })
+}
+
+fn fingerprint(opts: &TrainOptions, train: usize, total_steps: u64) -> String {
+    let targets: Vec<&str> = opts.lora.targets.iter().map(|t| t.as_str()).collect();
+    format!(
+        "rank={} targets={} seed={} batch={} accum={} examples={train} steps={total_steps}",
+        opts.lora.rank,
+        targets.join(","),
+        opts.seed,
+        opts.batch_size,
+        opts.grad_accum
+    )
+}
+
+/// Runs (or resumes) training and writes the adapter and `metrics.json`.
+pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<RunSummary> {
+    let started = Instant::now();
+    update(&control.progress, |p| p.phase = "loading".into());
+    let Prepared {
+        model,
+        tokenizer,
+        train,
+        eval,
+    } = prepare(opts, device)?;
+    let pad = tokenizer.pad_id;
+    let batches_per_epoch = train.len().div_ceil(opts.batch_size) as u64;
+    let accum = opts.grad_accum as u64;
+    let (total_steps, total_micro) = match opts.max_steps {
+        Some(steps) => (steps, steps * accum),
+        None => {
+            let micro = batches_per_epoch * opts.epochs.max(1);
+            (micro.div_ceil(accum), micro)
+        }
+    };
+    let print = fingerprint(opts, train.len(), total_steps);
+    let params_named = model.lora_params();
+    let params: Vec<&Var> = params_named.iter().map(|(_, v)| *v).collect();
+    let mut optimizer = AdamW::new(
+        AdamWConfig {
+            weight_decay: opts.weight_decay,
+            ..AdamWConfig::default()
+        },
+        &params,
+    )?;
+    std::fs::create_dir_all(&opts.checkpoint_dir).map_err(Error::io("create", &opts.checkpoint_dir))?;
+    let resumed = resume_latest(&opts.checkpoint_dir, &model, &mut optimizer, &print, device)?;
+    let mut state = match resumed {
+        Some(state) => {
+            tracing::info!(step = state.step, "resumed from checkpoint");
+            state
+        }
+        None => {
+            update(&control.progress, |p| p.phase = "evaluating".into());
+            let base_eval_loss = mean_eval(&model, &eval, opts.batch_size, pad, Pass::BASE)?;
+            tracing::info!(base_eval_loss, "evaluated the base model");
+            TrainerState {
+                step: 0,
+                micro_batch: 0,
+                rng: Rng::new(opts.seed),
+                loss_history: Vec::new(),
+                base_eval_loss,
+                tokens_seen: 0,
+                fingerprint: print.clone(),
+            }
+        }
+    };
+    let resumed_from_step = state.step;
+    update(&control.progress, |p| {
+        p.phase = "training".into();
+        p.step = state.step;
+        p.total_steps = total_steps;
+        p.base_eval_loss = state.base_eval_loss;
+        p.loss = state.loss_history.last().copied();
+    });
+
+    let train_started = Instant::now();
+    let mut attempt_tokens = 0u64;
+    let mut order_cache: Option<(u64, Vec<usize>)> = None;
+    while state.step < total_steps {
+        // This step's micro-batches.
+        let mut batches = Vec::with_capacity(opts.grad_accum);
+        let mut micro_indices = Vec::with_capacity(opts.grad_accum);
+        for _ in 0..accum {
+            let m = state.micro_batch + micro_indices.len() as u64;
+            if m >= total_micro {
+                break;
+            }
+            let epoch = m / batches_per_epoch;
+            let index = (m % batches_per_epoch) as usize;
+            if order_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
+                order_cache = Some((epoch, epoch_order(train.len(), opts.seed, epoch)));
+            }
+            let order = &order_cache.as_ref().expect("order was just cached").1;
+            let end = ((index + 1) * opts.batch_size).min(train.len());
+            let refs: Vec<&Example> = order[index * opts.batch_size..end].iter().map(|&i| &train[i]).collect();
+            batches.push(make_batch(&refs, pad, device)?);
+            micro_indices.push(m);
+        }
+        let targets: usize = batches.iter().map(|b| b.target_count).sum();
+        let scale = 1.0 / targets.max(1) as f64;
+        let mut loss_sum = 0.0;
+        let mut grads: Option<Vec<Tensor>> = None;
+        // Dropout masks of this step derive from the run's generator, which the
+        // checkpoint stores, and from the micro-batch's position in the stream.
+        let dropout_seed = state.rng.next_u64();
+        for (batch, &m) in batches.iter().zip(&micro_indices) {
+            let pass = Pass {
+                adapters: true,
+                dropout: Some(DropoutKey {
+                    seed: dropout_seed,
+                    micro_batch: m,
+                }),
+            };
+            let (loss, g) = forward_backward(&model, batch, &params, scale, pass, opts.recompute)?;
+            loss_sum += loss;
+            grads = Some(match grads {
+                None => g,
+                Some(acc) => acc
+                    .into_iter()
+                    .zip(g)
+                    .map(|(a, b)| Ok((a + b)?))
+                    .collect::<Result<Vec<_>>>()?,
+            });
+            attempt_tokens += batch.token_count as u64;
+            state.tokens_seen += batch.token_count as u64;
+        }
+        let mut grads = grads.expect("a step has at least one micro-batch");
+        let grad_norm = clip_grad_norm(&mut grads, opts.max_grad_norm)?;
+        let lr = learning_rate(opts.learning_rate, opts.scheduler, opts.warmup_steps, state.step, total_steps);
+        optimizer.update(&params, &grads, lr)?;
+        state.step += 1;
+        state.micro_batch += micro_indices.len() as u64;
+        let loss = loss_sum * scale;
+        state.loss_history.push(loss);
+
+        let elapsed = train_started.elapsed().as_secs_f64();
+        let tps = attempt_tokens as f64 / elapsed.max(1e-9);
+        let steps_done = state.step - resumed_from_step;
+        let eta = elapsed / steps_done as f64 * (total_steps - state.step) as f64;
+        let epoch = state.micro_batch as f64 / batches_per_epoch as f64;
+        tracing::info!(step = state.step, total_steps, loss, lr, grad_norm, epoch, tokens_per_second = tps, "step");
+        update(&control.progress, |p| {
+            p.step = state.step;
+            p.loss = Some(loss);
+            p.epoch = epoch;
+            p.tokens_per_second = tps;
+            p.eta_seconds = Some(eta);
+        });
+
+        let stop = control.stop.load(Ordering::SeqCst) || opts.interrupt_after_step == Some(state.step);
+        if state.step % opts.checkpoint_every.max(1) == 0 || stop {
+            let path = save_checkpoint(&opts.checkpoint_dir, opts.checkpoint_keep.max(1), &model, &optimizer, &state)?;
+            tracing::info!(step = state.step, path = %path.display(), "checkpoint written");
+        }
+        if stop && state.step < total_steps {
+            return Err(Error::Interrupted { step: state.step });
+        }
+    }
+
+    update(&control.progress, |p| p.phase = "evaluating".into());
+    let eval_loss = mean_eval(&model, &eval, opts.batch_size, pad, Pass::EVAL)?;
+    tracing::info!(eval_loss, base_eval_loss = state.base_eval_loss, "evaluated the tuned model");
+    update(&control.progress, |p| {
+        p.phase = "saving".into();
+        p.eval_loss = eval_loss;
+    });
+    let adapter = save_adapter(&model, &opts.output_dir, opts.base_model_name.as_deref())?;
+    let elapsed = train_started.elapsed().as_secs_f64();
+    let summary = RunSummary {
+        steps: state.step,
+        train_examples: train.len(),
+        eval_examples: eval.len(),
+        loss_history: state.loss_history.clone(),
+        base_eval_loss: state.base_eval_loss,
+        eval_loss,
+        tokens_seen: state.tokens_seen,
+        tokens_per_second: attempt_tokens as f64 / elapsed.max(1e-9),
+        duration_seconds: started.elapsed().as_secs_f64(),
+        resumed_from_step,
+        adapter,
+    };
+    let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
+    write_atomic(&opts.output_dir.join("metrics.json"), &json)?;
+    update(&control.progress, |p| p.phase = "done".into());
+    Ok(summary)
+}
+
+/// Whether `dir` holds a checkpoint a run would resume from.
+pub fn has_checkpoint(dir: &Path) -> Result<bool> {
+    Ok(!list_checkpoints(dir)?.is_empty())
+}
