@@ -2,8 +2,11 @@
 //!
 //! - `crds [--check]` writes (or checks) `crds/manifests/` from the API types.
 //! - `test` runs every test tier: formatting, clippy, unit and integration tests.
+//! - `cluster up | down | status | env` runs a real Kubernetes control plane with
+//!   simulated GPU nodes on loopback (see `cluster/mod.rs`).
 //! - `demo` runs kubetune's main job on a local cluster.
 
+mod cluster;
 mod crds;
 
 use std::path::{Path, PathBuf};
@@ -15,7 +18,11 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   crds [--check]   write crds/manifests/ from the API types (--check: fail on drift)
-  test             run all tests: fmt, clippy, unit tests, manifest drift, examples
+  test             run all tests: fmt, clippy, manifest drift, then unit and
+                   integration tests against a local cluster (up before, down after)
+  cluster up|down|status|env
+                   a local Kubernetes (etcd, apiserver, controller manager,
+                   scheduler, kwok GPU nodes) on 127.0.0.1; `cluster help` for options
   demo             run kubetune's main job on a local cluster";
 
 fn main() -> ExitCode {
@@ -35,6 +42,7 @@ fn run(args: &[String]) -> Result<()> {
         ["crds"] => crds::write(&root()),
         ["crds", "--check"] => crds::check(&root()),
         ["test"] => test(),
+        ["cluster", rest @ ..] => cluster::run(&root(), rest),
         ["demo"] => demo(),
         ["help" | "--help" | "-h"] | [] => {
             println!("{USAGE}");
@@ -87,8 +95,24 @@ fn test() -> Result<()> {
         ]),
     )?;
     crds::check(&root())?;
-    step("cargo test", cargo().args(["test", "--workspace"]))?;
-    Ok(())
+    println!("==> cargo xtask cluster up");
+    cluster::up_for_tests(&root())?;
+    // The integration tests fail rather than skip when the cluster is missing here.
+    let tested = step(
+        "cargo test",
+        cargo()
+            .args(["test", "--workspace"])
+            .env("KUBETUNE_REQUIRE_CLUSTER", "1"),
+    );
+    println!("==> cargo xtask cluster down");
+    let downed = cluster::down_for_tests();
+    match (tested, downed) {
+        (Ok(()), downed) => downed,
+        (Err(error), Ok(())) => Err(error),
+        (Err(error), Err(down_error)) => {
+            Err(error.context(format!("and cluster down failed too: {down_error:#}")))
+        }
+    }
 }
 
 fn demo() -> Result<()> {
