@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result, read_input_file};
-use crate::lora::{LoraPair, LoraSettings};
+use crate::lora::{AdapterPairs, LoraPair, LoraSettings};
 use crate::model::Llama;
 
 /// The adapter weights file name.
@@ -149,7 +149,9 @@ fn parse_key(key: &str) -> Option<(usize, TargetModule, bool)> {
     let layer = layer.parse().ok()?;
     let (_group, rest) = rest.split_once('.')?;
     let (module, rest) = rest.split_once('.')?;
-    let module = TargetModule::ALL.into_iter().find(|m| m.as_str() == module)?;
+    let module = TargetModule::ALL
+        .into_iter()
+        .find(|m| m.as_str() == module)?;
     match rest {
         "lora_A.weight" => Some((layer, module, true)),
         "lora_B.weight" => Some((layer, module, false)),
@@ -158,26 +160,46 @@ fn parse_key(key: &str) -> Option<(usize, TargetModule, bool)> {
 }
 
 /// Reads a PEFT LoRA adapter directory: its settings and (layer, module, A/B) tensors.
-pub fn load_adapter(
-    dir: &Path,
-    device: &Device,
-) -> Result<(LoraSettings, Vec<(usize, TargetModule, LoraPair)>)> {
+pub fn load_adapter(dir: &Path, device: &Device) -> Result<(LoraSettings, AdapterPairs)> {
     let config_path = dir.join(CONFIG_FILE);
-    let config: AdapterConfig = serde_json::from_slice(&read_input_file(&config_path, "adapter config")?)
-        .map_err(|err| Error::invalid(format!("{} is not a LoRA adapter config: {err}", config_path.display())))?;
+    let config: AdapterConfig =
+        serde_json::from_slice(&read_input_file(&config_path, "adapter config")?).map_err(
+            |err| {
+                Error::invalid(format!(
+                    "{} is not a LoRA adapter config: {err}",
+                    config_path.display()
+                ))
+            },
+        )?;
     if config.peft_type != "LORA" {
-        return Err(Error::invalid(format!("adapter peft_type {} is not LORA", config.peft_type)));
+        return Err(Error::invalid(format!(
+            "adapter peft_type {} is not LORA",
+            config.peft_type
+        )));
     }
     let weights_path = dir.join(WEIGHTS_FILE);
     let bytes = read_input_file(&weights_path, "adapter weights")?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|err| Error::invalid(format!("{} is not valid safetensors: {err}", weights_path.display())))?;
-    let mut halves: HashMap<(usize, TargetModule), (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|err| {
+        Error::invalid(format!(
+            "{} is not valid safetensors: {err}",
+            weights_path.display()
+        ))
+    })?;
+    let mut halves: HashMap<(usize, TargetModule), (Option<Tensor>, Option<Tensor>)> =
+        HashMap::new();
     for (key, tensor) in tensors {
-        let (layer, module, is_a) = parse_key(&key)
-            .ok_or_else(|| Error::invalid(format!("unexpected tensor {key} in {}", weights_path.display())))?;
+        let (layer, module, is_a) = parse_key(&key).ok_or_else(|| {
+            Error::invalid(format!(
+                "unexpected tensor {key} in {}",
+                weights_path.display()
+            ))
+        })?;
         let entry = halves.entry((layer, module)).or_default();
-        if is_a { entry.0 = Some(tensor) } else { entry.1 = Some(tensor) }
+        if is_a {
+            entry.0 = Some(tensor)
+        } else {
+            entry.1 = Some(tensor)
+        }
     }
     let mut pairs = Vec::new();
     let mut targets = BTreeSet::new();

@@ -286,8 +286,16 @@ pub fn config_from_flags(args: &TrainArgs) -> Result<TrainerConfig> {
         base_model_name: model.file_name().map(|n| n.to_string_lossy().into_owned()),
         model_dir: model.to_string_lossy().into_owned(),
         dataset_format: args.format.into(),
-        train_file: args.data.clone().ok_or_else(|| missing("data"))?.to_string_lossy().into_owned(),
-        eval_file: args.eval_data.as_ref().map(|p| p.to_string_lossy().into_owned()),
+        train_file: args
+            .data
+            .clone()
+            .ok_or_else(|| missing("data"))?
+            .to_string_lossy()
+            .into_owned(),
+        eval_file: args
+            .eval_data
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
         eval_split_percent: args.eval_split_percent,
         checkpoint_dir: args
             .checkpoint_dir
@@ -307,8 +315,12 @@ pub fn config_from_flags(args: &TrainArgs) -> Result<TrainerConfig> {
 /// Reads the operator's mounted TrainerConfig (JSON or YAML).
 pub fn read_config(path: &Path) -> Result<TrainerConfig> {
     let bytes = read_input_file(path, "trainer config")?;
-    serde_yaml::from_slice(&bytes)
-        .map_err(|err| Error::invalid(format!("{} is not a valid trainer config: {err}", path.display())))
+    serde_yaml::from_slice(&bytes).map_err(|err| {
+        Error::invalid(format!(
+            "{} is not a valid trainer config: {err}",
+            path.display()
+        ))
+    })
 }
 
 /// Resolves a TrainerConfig into the options of a run, refusing what this trainer
@@ -374,8 +386,19 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalReport> {
         let (settings, pairs) = load_adapter(dir, &device)?;
         model.set_lora(settings, pairs)?;
     }
-    let examples = load_dataset(&args.data, args.format.into(), &tokenizer, args.max_seq_length)?;
-    let (sum, tokens) = evaluate(&model, &examples, args.batch_size, tokenizer.pad_id, Pass::EVAL)?;
+    let examples = load_dataset(
+        &args.data,
+        args.format.into(),
+        &tokenizer,
+        args.max_seq_length,
+    )?;
+    let (sum, tokens) = evaluate(
+        &model,
+        &examples,
+        args.batch_size,
+        tokenizer.pad_id,
+        Pass::EVAL,
+    )?;
     Ok(EvalReport {
         loss: sum / tokens.max(1) as f64,
         tokens,
@@ -411,7 +434,11 @@ pub async fn run_train(args: TrainArgs) -> Result<RunSummary> {
     let device = default_device()?;
     tokio::task::spawn_blocking(move || train(&opts, &device, &control))
         .await
-        .map_err(|err| Error::Tensor(candle_core::Error::Msg(format!("training thread failed: {err}"))))?
+        .map_err(|err| {
+            Error::Tensor(candle_core::Error::Msg(format!(
+                "training thread failed: {err}"
+            )))
+        })?
 }
 
 async fn wait_for_termination() {

@@ -134,7 +134,10 @@ impl ModelConfig {
         let path = model_dir.join("config.json");
         let bytes = read_input_file(&path, "model config")?;
         let config: Self = serde_json::from_slice(&bytes).map_err(|err| {
-            Error::invalid(format!("{} is not a valid model config: {err}", path.display()))
+            Error::invalid(format!(
+                "{} is not a valid model config: {err}",
+                path.display()
+            ))
         })?;
         config.validate()?;
         Ok(config)
@@ -177,12 +180,12 @@ impl ModelConfig {
         }
         let heads = self.num_attention_heads;
         let kv = self.kv_heads();
-        if heads == 0 || kv == 0 || heads % kv != 0 {
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
             return Err(Error::invalid(format!(
                 "num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
             )));
         }
-        if self.head_dim() % 2 != 0 || self.head_dim() == 0 {
+        if !self.head_dim().is_multiple_of(2) || self.head_dim() == 0 {
             return Err(Error::invalid(format!(
                 "head dimension {} must be even for RoPE",
                 self.head_dim()

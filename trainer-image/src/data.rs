@@ -86,19 +86,26 @@ pub fn load_dataset(
         };
         let mut example = match format {
             DatasetFormat::Chat => {
-                let parsed: ChatLine = serde_json::from_str(line)
-                    .map_err(|err| bad(format!("not a chat example {{\"messages\": [...]}}: {err}")))?;
+                let parsed: ChatLine = serde_json::from_str(line).map_err(|err| {
+                    bad(format!("not a chat example {{\"messages\": [...]}}: {err}"))
+                })?;
                 if !parsed.messages.iter().any(|m| m.role == "assistant") {
-                    return Err(bad("the conversation has no assistant message to learn".into()));
+                    return Err(bad(
+                        "the conversation has no assistant message to learn".into()
+                    ));
                 }
-                tokenizer.encode_chat(&parsed.messages).map_err(|err| match err {
-                    Error::InvalidInput(message) | Error::Tokenizer(message) => bad(message),
-                    other => other,
-                })?
+                tokenizer
+                    .encode_chat(&parsed.messages)
+                    .map_err(|err| match err {
+                        Error::InvalidInput(message) | Error::Tokenizer(message) => bad(message),
+                        other => other,
+                    })?
             }
             DatasetFormat::Instruction => {
                 let parsed: InstructionLine = serde_json::from_str(line).map_err(|err| {
-                    bad(format!("not an instruction example {{\"prompt\", \"completion\"}}: {err}"))
+                    bad(format!(
+                        "not an instruction example {{\"prompt\", \"completion\"}}: {err}"
+                    ))
                 })?;
                 tokenizer.encode_prompt_completion(&parsed.prompt, &parsed.completion)?
             }
@@ -135,12 +142,18 @@ pub fn load_dataset(
 }
 
 /// Splits off `percent`% of `examples` (at least one) for evaluation, chosen by `seed`.
-pub fn split_eval(examples: Vec<Example>, percent: u32, seed: u64) -> Result<(Vec<Example>, Vec<Example>)> {
+pub fn split_eval(
+    examples: Vec<Example>,
+    percent: u32,
+    seed: u64,
+) -> Result<(Vec<Example>, Vec<Example>)> {
     if percent == 0 {
         return Ok((examples, Vec::new()));
     }
     if percent >= 100 {
-        return Err(Error::invalid(format!("evalSplitPercent {percent} leaves no training data")));
+        return Err(Error::invalid(format!(
+            "evalSplitPercent {percent} leaves no training data"
+        )));
     }
     let n = examples.len();
     let n_eval = ((n as u64 * u64::from(percent)).div_ceil(100) as usize).max(1);
@@ -157,7 +170,11 @@ pub fn split_eval(examples: Vec<Example>, percent: u32, seed: u64) -> Result<(Ve
     }
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for (example, e) in examples.into_iter().zip(is_eval) {
-        if e { eval.push(example) } else { train.push(example) }
+        if e {
+            eval.push(example)
+        } else {
+            train.push(example)
+        }
     }
     Ok((train, eval))
 }
@@ -213,7 +230,7 @@ pub fn make_batch(examples: &[&Example], pad_id: u32, device: &Device) -> Result
 /// The order in which examples are visited in `epoch`: a permutation fixed by the seed.
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
-    Rng::derive(seed, 0x6f72_6465_72, epoch).shuffle(&mut order);
+    Rng::derive(seed, 0x006f_7264_6572, epoch).shuffle(&mut order);
     order
 }
 
@@ -233,7 +250,10 @@ mod tests {
         let a = example(&[1, 2, 3, 4], &[false, false, true, true]);
         let b = example(&[5, 6], &[false, true]);
         let batch = make_batch(&[&a, &b], 0, &Device::Cpu).expect("batch");
-        assert_eq!(batch.ids.to_vec2::<u32>().expect("ids"), vec![vec![1, 2, 3], vec![5, 0, 0]]);
+        assert_eq!(
+            batch.ids.to_vec2::<u32>().expect("ids"),
+            vec![vec![1, 2, 3], vec![5, 0, 0]]
+        );
         // a predicts 3 at position 1 and 4 at 2; b predicts 6 at its position 0 (row 3).
         assert_eq!(batch.rows.to_vec1::<u32>().expect("rows"), vec![1, 2, 3]);
         assert_eq!(batch.targets.to_vec1::<u32>().expect("t"), vec![3, 4, 6]);
@@ -243,7 +263,9 @@ mod tests {
 
     #[test]
     fn eval_split_is_disjoint_deterministic_and_sized_by_percent() {
-        let examples: Vec<Example> = (0..20).map(|i| example(&[i, i + 1], &[false, true])).collect();
+        let examples: Vec<Example> = (0..20)
+            .map(|i| example(&[i, i + 1], &[false, true]))
+            .collect();
         let (train, eval) = split_eval(examples.clone(), 10, 1).expect("split");
         assert_eq!((train.len(), eval.len()), (18, 2));
         assert!(eval.iter().all(|e| !train.contains(e)));

@@ -101,7 +101,10 @@ impl Error {
     }
 
     /// An I/O error on a file.
-    pub fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Self + 'a {
+    pub fn io<'a>(
+        action: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(std::io::Error) -> Self + 'a {
         move |source| Self::Io {
             action,
             path: path.to_owned(),

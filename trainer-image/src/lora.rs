@@ -50,7 +50,13 @@ pub struct LoraPair {
 
 impl LoraPair {
     /// PEFT's initialisation: A ~ U(−1/√in, 1/√in), B = 0.
-    pub fn init(in_dim: usize, out_dim: usize, rank: usize, rng: &mut Rng, dev: &Device) -> Result<Self> {
+    pub fn init(
+        in_dim: usize,
+        out_dim: usize,
+        rank: usize,
+        rng: &mut Rng,
+        dev: &Device,
+    ) -> Result<Self> {
         let bound = 1.0 / (in_dim as f64).sqrt();
         let a: Vec<f32> = (0..rank * in_dim)
             .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
@@ -73,6 +79,9 @@ impl LoraPair {
         Ok((self.b.as_tensor().matmul(self.a.as_tensor())? * scaling)?)
     }
 }
+
+/// Adapters by (layer, module), as read from or written to a PEFT file.
+pub type AdapterPairs = Vec<(usize, TargetModule, LoraPair)>;
 
 /// Which dropout mask a forward pass draws, so that the same pass re-run (layer-wise
 /// recompute) or replayed after a resume draws the same one.
@@ -111,25 +120,54 @@ mod tests {
         let pair = LoraPair::init(64, 32, 8, &mut Rng::new(1), &Device::Cpu).expect("init");
         assert_eq!(pair.a.as_tensor().dims(), &[8, 64]);
         assert_eq!(pair.b.as_tensor().dims(), &[32, 8]);
-        let a = pair.a.as_tensor().flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
+        let a = pair
+            .a
+            .as_tensor()
+            .flatten_all()
+            .expect("flat")
+            .to_vec1::<f32>()
+            .expect("vec");
         let bound = 1.0 / 8.0;
         assert!(a.iter().all(|v| v.abs() <= bound));
-        assert!(a.iter().any(|v| v.abs() > bound / 2.0), "A is not spread over its range");
-        let b_max = pair.b.as_tensor().abs().expect("abs").max_all().expect("max");
+        assert!(
+            a.iter().any(|v| v.abs() > bound / 2.0),
+            "A is not spread over its range"
+        );
+        let b_max = pair
+            .b
+            .as_tensor()
+            .abs()
+            .expect("abs")
+            .max_all()
+            .expect("max");
         assert_eq!(b_max.to_scalar::<f32>().expect("scalar"), 0.0);
     }
 
     #[test]
     fn dropout_mask_keeps_about_one_minus_p_and_rescales() {
-        let key = DropoutKey { seed: 1, micro_batch: 0 };
+        let key = DropoutKey {
+            seed: 1,
+            micro_batch: 0,
+        };
         let mask = dropout_mask(key, 0, TargetModule::QProj, 0.25, (100, 100), &Device::Cpu)
             .expect("mask");
-        let values = mask.flatten_all().expect("flat").to_vec1::<f32>().expect("vec");
+        let values = mask
+            .flatten_all()
+            .expect("flat")
+            .to_vec1::<f32>()
+            .expect("vec");
         let kept = values.iter().filter(|v| **v > 0.0).count() as f64 / values.len() as f64;
         assert!((kept - 0.75).abs() < 0.03, "kept {kept}");
-        assert!(values.iter().all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6));
+        assert!(
+            values
+                .iter()
+                .all(|v| *v == 0.0 || (*v - 4.0 / 3.0).abs() < 1e-6)
+        );
         let again = dropout_mask(key, 0, TargetModule::QProj, 0.25, (100, 100), &Device::Cpu)
             .expect("mask");
-        assert_eq!(again.flatten_all().expect("f").to_vec1::<f32>().expect("v"), values);
+        assert_eq!(
+            again.flatten_all().expect("f").to_vec1::<f32>().expect("v"),
+            values
+        );
     }
 }

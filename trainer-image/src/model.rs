@@ -16,7 +16,7 @@ use kubetune_crds::training::TargetModule;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::lora::{DropoutKey, LoraPair, LoraSettings, dropout_mask};
+use crate::lora::{AdapterPairs, DropoutKey, LoraPair, LoraSettings, dropout_mask};
 use crate::ops::{frozen_linear, log_softmax_last_dim, rms_norm, rope, softmax_last_dim};
 use crate::rng::Rng;
 
@@ -36,7 +36,11 @@ pub fn default_device() -> Result<Device> {
 /// The dtype of base weights and activations: bf16 on GPUs, f32 on CPUs (candle has no
 /// bf16 matmul on CPU).
 pub fn compute_dtype(dev: &Device) -> DType {
-    if dev.is_cuda() { DType::BF16 } else { DType::F32 }
+    if dev.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
 }
 
 /// A frozen linear layer, possibly with a bias and an adapter.
@@ -85,7 +89,14 @@ impl Linear {
         let rows = x.elem_count() / in_dim;
         let mut xa = x.reshape((rows, in_dim))?.to_dtype(DType::F32)?;
         if let Some(key) = pass.dropout.filter(|_| lora.dropout > 0.0) {
-            let mask = dropout_mask(key, layer, self.module, lora.dropout, (rows, in_dim), x.device())?;
+            let mask = dropout_mask(
+                key,
+                layer,
+                self.module,
+                lora.dropout,
+                (rows, in_dim),
+                x.device(),
+            )?;
             xa = (xa * mask)?;
         }
         let update = xa
@@ -137,7 +148,9 @@ pub struct Block {
 impl Block {
     /// The block's linear layers in checkpoint order.
     pub fn linears(&self) -> [&Linear; 7] {
-        [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
     }
 
     fn linears_mut(&mut self) -> [&mut Linear; 7] {
@@ -159,7 +172,10 @@ impl Block {
 
     fn linear_mut(&mut self, module: TargetModule) -> &mut Linear {
         let index = module as usize;
-        self.linears_mut().into_iter().nth(index).expect("seven linears")
+        self.linears_mut()
+            .into_iter()
+            .nth(index)
+            .expect("seven linears")
     }
 }
 
@@ -190,7 +206,10 @@ pub struct Llama {
 pub fn checkpoint_shards(model_dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(model_dir).map_err(|err| {
         if err.kind() == std::io::ErrorKind::NotFound {
-            Error::invalid(format!("model directory {} does not exist", model_dir.display()))
+            Error::invalid(format!(
+                "model directory {} does not exist",
+                model_dir.display()
+            ))
         } else {
             Error::io("list", model_dir)(err)
         }
@@ -198,7 +217,10 @@ pub fn checkpoint_shards(model_dir: &Path) -> Result<Vec<PathBuf>> {
     let mut shards = Vec::new();
     for entry in entries {
         let path = entry.map_err(Error::io("list", model_dir))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if name.ends_with(".safetensors") && !name.starts_with("adapter_") {
             shards.push(path);
         }
@@ -277,18 +299,19 @@ impl Llama {
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let linear = |name: &str, module, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-                Ok(Linear {
-                    weight: w.get(&format!("{p}.{name}.weight"), &[out, inp])?,
-                    bias: if bias {
-                        Some(w.get(&format!("{p}.{name}.bias"), &[out])?)
-                    } else {
-                        None
-                    },
-                    lora: None,
-                    module,
-                })
-            };
+            let linear =
+                |name: &str, module, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                    Ok(Linear {
+                        weight: w.get(&format!("{p}.{name}.weight"), &[out, inp])?,
+                        bias: if bias {
+                            Some(w.get(&format!("{p}.{name}.bias"), &[out])?)
+                        } else {
+                            None
+                        },
+                        lora: None,
+                        module,
+                    })
+                };
             let qkv_bias = config.qkv_bias();
             blocks.push(Block {
                 input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
@@ -359,11 +382,7 @@ impl Llama {
     }
 
     /// Sets adapters from tensors named by (layer, module), replacing any present.
-    pub fn set_lora(
-        &mut self,
-        settings: LoraSettings,
-        pairs: Vec<(usize, TargetModule, LoraPair)>,
-    ) -> Result<()> {
+    pub fn set_lora(&mut self, settings: LoraSettings, pairs: AdapterPairs) -> Result<()> {
         for block in &mut self.blocks {
             for linear in block.linears_mut() {
                 linear.lora = None;
@@ -371,7 +390,9 @@ impl Llama {
         }
         for (layer, module, pair) in pairs {
             let block = self.blocks.get_mut(layer).ok_or_else(|| {
-                Error::invalid(format!("adapter has layer {layer}, the model has fewer layers"))
+                Error::invalid(format!(
+                    "adapter has layer {layer}, the model has fewer layers"
+                ))
             })?;
             let linear = block.linear_mut(module);
             let (out, inp) = linear.dims()?;
@@ -443,7 +464,11 @@ impl Llama {
         let mask: Vec<f32> = (0..seq * seq)
             .map(|ij| {
                 let (i, j) = (ij / seq, ij % seq);
-                if j > i || i - j >= window { f32::NEG_INFINITY } else { 0.0 }
+                if j > i || i - j >= window {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
             })
             .collect();
         let dev = &self.device;
@@ -455,7 +480,13 @@ impl Llama {
     }
 
     /// Runs block `index` on `x` (`[batch, seq, hidden]`).
-    pub fn block_forward(&self, index: usize, x: &Tensor, pos: &Positions, pass: Pass) -> Result<Tensor> {
+    pub fn block_forward(
+        &self,
+        index: usize,
+        x: &Tensor,
+        pos: &Positions,
+        pass: Pass,
+    ) -> Result<Tensor> {
         let block = &self.blocks[index];
         let cfg = &self.config;
         let (b, t, _) = x.dims3()?;
@@ -463,9 +494,15 @@ impl Llama {
         let lin = |l: &Linear, x: &Tensor| l.forward(x, index, &self.lora, pass);
 
         let h = rms_norm(x, &block.input_norm, cfg.rms_norm_eps)?;
-        let q = lin(&block.q, &h)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-        let k = lin(&block.k, &h)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let v = lin(&block.v, &h)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let q = lin(&block.q, &h)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?;
+        let k = lin(&block.k, &h)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let v = lin(&block.v, &h)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
         let q = rope(&q.contiguous()?, &pos.cos, &pos.sin)?;
         let k = rope(&k.contiguous()?, &pos.cos, &pos.sin)?;
         let (k, v) = if nh == nkv {
@@ -531,5 +568,8 @@ pub fn peft_key(layer: usize, module: TargetModule) -> String {
         }
         TargetModule::GateProj | TargetModule::UpProj | TargetModule::DownProj => "mlp",
     };
-    format!("base_model.model.model.layers.{layer}.{group}.{}", module.as_str())
+    format!(
+        "base_model.model.model.layers.{layer}.{group}.{}",
+        module.as_str()
+    )
 }

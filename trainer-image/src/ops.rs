@@ -73,10 +73,16 @@ impl CustomOp2 for FrozenLinear {
 /// `x · Wᵀ` over the last dimension of `x` (any leading shape), with `W` frozen.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
-    let (last, lead) = dims.split_last().expect("linear input has at least one dim");
+    let (last, lead) = dims
+        .split_last()
+        .expect("linear input has at least one dim");
     let rows: usize = lead.iter().product();
     let x2 = x.reshape((rows, *last))?;
-    let x2 = if x2.is_contiguous() { x2 } else { x2.contiguous()? };
+    let x2 = if x2.is_contiguous() {
+        x2
+    } else {
+        x2.contiguous()?
+    };
     let y = x2.apply_op2(weight, FrozenLinear)?;
     let mut out_shape = lead.to_vec();
     out_shape.push(weight.dim(0)?);
@@ -142,7 +148,10 @@ mod tests {
             .reshape((5, 4))
             .expect("reshape");
         let y = frozen_linear(x.as_tensor(), &w).expect("forward");
-        let reference = x.as_tensor().broadcast_matmul(&w.t().expect("t")).expect("mm");
+        let reference = x
+            .as_tensor()
+            .broadcast_matmul(&w.t().expect("t"))
+            .expect("mm");
         let diff = (y.clone() - reference)
             .expect("sub")
             .abs()
@@ -157,7 +166,11 @@ mod tests {
         let gx = grads.get(x.as_tensor()).expect("input gradient");
         // d(sum(x Wᵀ))/dx = column sums of W, the same for every row.
         let expected = w.sum(0).expect("sum").to_vec1::<f32>().expect("vec");
-        let got = gx.reshape((6, 4)).expect("reshape").to_vec2::<f32>().expect("vec");
+        let got = gx
+            .reshape((6, 4))
+            .expect("reshape")
+            .to_vec2::<f32>()
+            .expect("vec");
         for row in got {
             for (a, b) in row.iter().zip(&expected) {
                 assert!((a - b).abs() < 1e-5);

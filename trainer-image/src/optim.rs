@@ -45,23 +45,37 @@ pub struct AdamW {
 impl AdamW {
     /// Zero state for `params`.
     pub fn new(config: AdamWConfig, params: &[&Var]) -> Result<Self> {
-        let zeros = |p: &&Var| p.as_tensor().zeros_like().and_then(|t| t.to_dtype(DType::F32));
+        let zeros = |p: &&Var| {
+            p.as_tensor()
+                .zeros_like()
+                .and_then(|t| t.to_dtype(DType::F32))
+        };
         Ok(Self {
             config,
             step: 0,
-            m: params.iter().map(zeros).collect::<candle_core::Result<_>>()?,
-            v: params.iter().map(zeros).collect::<candle_core::Result<_>>()?,
+            m: params
+                .iter()
+                .map(zeros)
+                .collect::<candle_core::Result<_>>()?,
+            v: params
+                .iter()
+                .map(zeros)
+                .collect::<candle_core::Result<_>>()?,
         })
     }
 
     /// Replaces the state with a saved one (shapes checked).
     pub fn restore(&mut self, step: u64, m: Vec<Tensor>, v: Vec<Tensor>) -> Result<()> {
         if m.len() != self.m.len() || v.len() != self.v.len() {
-            return Err(Error::invalid("checkpoint optimizer state does not match the adapter"));
+            return Err(Error::invalid(
+                "checkpoint optimizer state does not match the adapter",
+            ));
         }
         for (new, old) in m.iter().zip(&self.m).chain(v.iter().zip(&self.v)) {
             if new.dims() != old.dims() {
-                return Err(Error::invalid("checkpoint optimizer state does not match the adapter"));
+                return Err(Error::invalid(
+                    "checkpoint optimizer state does not match the adapter",
+                ));
             }
         }
         self.step = step;

@@ -47,7 +47,9 @@ pub type SharedProgress = Arc<Mutex<Progress>>;
 /// Updates the shared progress (a poisoned lock only means a panicked writer; the data
 /// is still a valid snapshot).
 pub fn update(progress: &SharedProgress, f: impl FnOnce(&mut Progress)) {
-    let mut guard = progress.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut guard = progress
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     f(&mut guard);
 }
 
@@ -68,18 +70,46 @@ pub fn prometheus_text(p: &Progress) -> String {
             ));
         }
     };
-    gauge("kubetune_trainer_step", "Completed optimizer steps.", Some(p.step as f64));
-    gauge("kubetune_trainer_total_steps", "Optimizer steps of the run.", Some(p.total_steps as f64));
-    gauge("kubetune_trainer_epoch", "Fractional epochs completed.", Some(p.epoch));
-    gauge("kubetune_trainer_loss", "Mean training loss of the last step.", p.loss);
-    gauge("kubetune_trainer_eval_loss", "Eval loss of the tuned model.", p.eval_loss);
-    gauge("kubetune_trainer_base_eval_loss", "Eval loss of the base model.", p.base_eval_loss);
+    gauge(
+        "kubetune_trainer_step",
+        "Completed optimizer steps.",
+        Some(p.step as f64),
+    );
+    gauge(
+        "kubetune_trainer_total_steps",
+        "Optimizer steps of the run.",
+        Some(p.total_steps as f64),
+    );
+    gauge(
+        "kubetune_trainer_epoch",
+        "Fractional epochs completed.",
+        Some(p.epoch),
+    );
+    gauge(
+        "kubetune_trainer_loss",
+        "Mean training loss of the last step.",
+        p.loss,
+    );
+    gauge(
+        "kubetune_trainer_eval_loss",
+        "Eval loss of the tuned model.",
+        p.eval_loss,
+    );
+    gauge(
+        "kubetune_trainer_base_eval_loss",
+        "Eval loss of the base model.",
+        p.base_eval_loss,
+    );
     gauge(
         "kubetune_trainer_tokens_per_second",
         "Training tokens per second in this attempt.",
         Some(p.tokens_per_second),
     );
-    gauge("kubetune_trainer_eta_seconds", "Estimated seconds to the end of training.", p.eta_seconds);
+    gauge(
+        "kubetune_trainer_eta_seconds",
+        "Estimated seconds to the end of training.",
+        p.eta_seconds,
+    );
     out
 }
 
@@ -133,6 +163,9 @@ mod tests {
         });
         assert!(text.contains("kubetune_trainer_step 3\n"));
         assert!(text.contains("kubetune_trainer_loss 1.5\n"));
-        assert!(!text.contains("kubetune_trainer_eval_loss "), "unknown figures are omitted");
+        assert!(
+            !text.contains("kubetune_trainer_eval_loss "),
+            "unknown figures are omitted"
+        );
     }
 }

@@ -42,8 +42,11 @@ pub struct TinyLlama {
     pub llama3_rope: bool,
     /// Number of safetensors shards.
     pub shards: usize,
-    /// Standard deviation of the random weights.
+    /// Standard deviation of the random linear weights.
     pub init_std: f64,
+    /// Standard deviation of the embedding and LM head. Larger than `init_std` so
+    /// that, as in trained models, logits can become confident (the head is frozen).
+    pub embed_std: f64,
     /// Seed of the random weights.
     pub seed: u64,
 }
@@ -61,6 +64,7 @@ impl Default for TinyLlama {
             llama3_rope: true,
             shards: 2,
             init_std: 0.1,
+            embed_std: 0.5,
             seed: 7,
         }
     }
@@ -113,8 +117,7 @@ impl TinyLlama {
     pub fn weights(&self) -> Result<Vec<(String, Tensor)>> {
         let dev = Device::Cpu;
         let mut rng = Rng::new(self.seed);
-        let std = self.init_std;
-        let mut random = |shape: (usize, usize)| -> Result<Tensor> {
+        let mut random = |shape: (usize, usize), std: f64| -> Result<Tensor> {
             // Sum of uniforms: close enough to a normal for random weights.
             let values: Vec<f32> = (0..shape.0 * shape.1)
                 .map(|_| {
@@ -125,8 +128,16 @@ impl TinyLlama {
             Ok(Tensor::from_vec(values, shape, &dev)?)
         };
         let hd = self.hidden / self.heads;
-        let (h, q, kv, i) = (self.hidden, self.heads * hd, self.kv_heads * hd, self.intermediate);
-        let mut tensors = vec![("model.embed_tokens.weight".to_owned(), random((self.vocab, h))?)];
+        let (h, q, kv, i) = (
+            self.hidden,
+            self.heads * hd,
+            self.kv_heads * hd,
+            self.intermediate,
+        );
+        let mut tensors = vec![(
+            "model.embed_tokens.weight".to_owned(),
+            random((self.vocab, h), self.embed_std)?,
+        )];
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
             for (name, shape) in [
@@ -138,15 +149,21 @@ impl TinyLlama {
                 ("mlp.up_proj", (i, h)),
                 ("mlp.down_proj", (h, i)),
             ] {
-                tensors.push((format!("{p}.{name}.weight"), random(shape)?));
+                tensors.push((format!("{p}.{name}.weight"), random(shape, self.init_std)?));
             }
             let ones = || Tensor::ones(h, candle_core::DType::F32, &dev);
             tensors.push((format!("{p}.input_layernorm.weight"), ones()?));
             tensors.push((format!("{p}.post_attention_layernorm.weight"), ones()?));
         }
-        tensors.push(("model.norm.weight".to_owned(), Tensor::ones(h, candle_core::DType::F32, &dev)?));
+        tensors.push((
+            "model.norm.weight".to_owned(),
+            Tensor::ones(h, candle_core::DType::F32, &dev)?,
+        ));
         if !self.tie_embeddings {
-            tensors.push(("lm_head.weight".to_owned(), random((self.vocab, h))?));
+            tensors.push((
+                "lm_head.weight".to_owned(),
+                random((self.vocab, h), self.embed_std)?,
+            ));
         }
         Ok(tensors)
     }

@@ -76,7 +76,10 @@ impl TextTokenizer {
         let path = model_dir.join("tokenizer.json");
         let bytes = read_input_file(&path, "tokenizer")?;
         let inner = Tokenizer::from_bytes(&bytes).map_err(|err| {
-            Error::invalid(format!("{} is not a valid tokenizer: {err}", path.display()))
+            Error::invalid(format!(
+                "{} is not a valid tokenizer: {err}",
+                path.display()
+            ))
         })?;
         let config_path = model_dir.join("tokenizer_config.json");
         let tok_config: TokenizerConfig = if config_path.exists() {
@@ -87,11 +90,14 @@ impl TextTokenizer {
         } else {
             TokenizerConfig::default()
         };
-        let id_of = |token: &Option<SpecialToken>| token.as_ref().and_then(|t| inner.token_to_id(t.text()));
+        let id_of =
+            |token: &Option<SpecialToken>| token.as_ref().and_then(|t| inner.token_to_id(t.text()));
         let eos_id = id_of(&tok_config.eos_token)
             .or_else(|| config.eos_token_id.as_ref().and_then(|ids| ids.first()))
             .ok_or_else(|| {
-                Error::invalid("neither tokenizer_config.json nor config.json names an end-of-sequence token")
+                Error::invalid(
+                    "neither tokenizer_config.json nor config.json names an end-of-sequence token",
+                )
             })?;
         let pad_id = id_of(&tok_config.pad_token).unwrap_or(eos_id);
         let token_text = |token: &Option<SpecialToken>, id: Option<u32>| {
@@ -119,10 +125,15 @@ impl TextTokenizer {
             None => None,
             Some(source) => {
                 let mut env = Environment::new();
-                env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+                env.set_unknown_method_callback(
+                    minijinja_contrib::pycompat::unknown_method_callback,
+                );
                 env.add_function("raise_exception", raise_exception);
                 env.add_template_owned("chat", source).map_err(|err| {
-                    Error::invalid(format!("the chat template in {} does not parse: {err}", config_path.display()))
+                    Error::invalid(format!(
+                        "the chat template in {} does not parse: {err}",
+                        config_path.display()
+                    ))
                 })?;
                 Some(env)
             }
@@ -153,7 +164,9 @@ impl TextTokenizer {
         let env = self.chat.as_ref().ok_or_else(|| {
             Error::invalid("the model has no chat_template in tokenizer_config.json; use the instruction or text format")
         })?;
-        let template = env.get_template("chat").expect("the chat template was added at load");
+        let template = env
+            .get_template("chat")
+            .expect("the chat template was added at load");
         template
             .render(context! {
                 messages => messages,

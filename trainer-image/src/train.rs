@@ -114,7 +114,13 @@ pub struct RunSummary {
 }
 
 /// Summed loss and the target count of a dataset under `pass`.
-pub fn evaluate(model: &Llama, examples: &[Example], batch_size: usize, pad_id: u32, pass: Pass) -> Result<(f64, usize)> {
+pub fn evaluate(
+    model: &Llama,
+    examples: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+    pass: Pass,
+) -> Result<(f64, usize)> {
     let mut total = 0.0;
     let mut count = 0;
     for chunk in examples.chunks(batch_size.max(1)) {
@@ -134,7 +140,13 @@ pub fn evaluate(model: &Llama, examples: &[Example], batch_size: usize, pad_id: 
 }
 
 /// Mean eval loss per target token, or `None` for an empty set.
-fn mean_eval(model: &Llama, examples: &[Example], batch_size: usize, pad_id: u32, pass: Pass) -> Result<Option<f64>> {
+fn mean_eval(
+    model: &Llama,
+    examples: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+    pass: Pass,
+) -> Result<Option<f64>> {
     if examples.is_empty() {
         return Ok(None);
     }
@@ -185,7 +197,11 @@ pub fn forward_backward(
         collect(&store)?;
         let mut upstream = store
             .get(h.as_tensor())
-            .ok_or_else(|| Error::Tensor(candle_core::Error::Msg("no gradient reached the last block".into())))?
+            .ok_or_else(|| {
+                Error::Tensor(candle_core::Error::Msg(
+                    "no gradient reached the last block".into(),
+                ))
+            })?
             .detach();
         for i in (0..model.blocks().len()).rev() {
             let input = Var::from_tensor(&inputs[i])?;
@@ -196,7 +212,11 @@ pub fn forward_backward(
             if i > 0 {
                 upstream = store
                     .get(input.as_tensor())
-                    .ok_or_else(|| Error::Tensor(candle_core::Error::Msg(format!("no gradient reached block {i}'s input"))))?
+                    .ok_or_else(|| {
+                        Error::Tensor(candle_core::Error::Msg(format!(
+                            "no gradient reached block {i}'s input"
+                        )))
+                    })?
                     .detach();
             }
         }
@@ -246,13 +266,21 @@ pub struct Prepared {
 /// Loads and validates everything before the first step.
 pub fn prepare(opts: &TrainOptions, device: &Device) -> Result<Prepared> {
     if opts.batch_size == 0 || opts.grad_accum == 0 {
-        return Err(Error::invalid("batchSize and gradientAccumulationSteps must be at least 1"));
+        return Err(Error::invalid(
+            "batchSize and gradientAccumulationSteps must be at least 1",
+        ));
     }
     if !(opts.learning_rate > 0.0 && opts.learning_rate <= 1.0) {
-        return Err(Error::invalid(format!("learning rate {} must be above 0 and at most 1", opts.learning_rate)));
+        return Err(Error::invalid(format!(
+            "learning rate {} must be above 0 and at most 1",
+            opts.learning_rate
+        )));
     }
     if !(0.0..1.0).contains(&opts.lora.dropout) {
-        return Err(Error::invalid(format!("LoRA dropout {} must be in [0, 1)", opts.lora.dropout)));
+        return Err(Error::invalid(format!(
+            "LoRA dropout {} must be in [0, 1)",
+            opts.lora.dropout
+        )));
     }
     if opts.lora.targets.is_empty() {
         return Err(Error::invalid("LoRA needs at least one target module"));
@@ -266,12 +294,23 @@ pub fn prepare(opts: &TrainOptions, device: &Device) -> Result<Prepared> {
             model.config.vocab_size
         )));
     }
-    let all = load_dataset(&opts.train_file, opts.format, &tokenizer, opts.max_seq_length)?;
+    let all = load_dataset(
+        &opts.train_file,
+        opts.format,
+        &tokenizer,
+        opts.max_seq_length,
+    )?;
     let (train, eval) = match &opts.eval_file {
-        Some(path) => (all, load_dataset(path, opts.format, &tokenizer, opts.max_seq_length)?),
+        Some(path) => (
+            all,
+            load_dataset(path, opts.format, &tokenizer, opts.max_seq_length)?,
+        ),
         None => split_eval(all, opts.eval_split_percent, opts.seed)?,
     };
-    model.add_lora(opts.lora.clone(), &mut Rng::derive(opts.seed, 0x696e_6974, 0))?;
+    model.add_lora(
+        opts.lora.clone(),
+        &mut Rng::derive(opts.seed, 0x696e_6974, 0),
+    )?;
     Ok(Prepared {
         model,
         tokenizer,
@@ -322,7 +361,8 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         },
         &params,
     )?;
-    std::fs::create_dir_all(&opts.checkpoint_dir).map_err(Error::io("create", &opts.checkpoint_dir))?;
+    std::fs::create_dir_all(&opts.checkpoint_dir)
+        .map_err(Error::io("create", &opts.checkpoint_dir))?;
     let resumed = resume_latest(&opts.checkpoint_dir, &model, &mut optimizer, &print, device)?;
     let mut state = match resumed {
         Some(state) => {
@@ -372,7 +412,10 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
             }
             let order = &order_cache.as_ref().expect("order was just cached").1;
             let end = ((index + 1) * opts.batch_size).min(train.len());
-            let refs: Vec<&Example> = order[index * opts.batch_size..end].iter().map(|&i| &train[i]).collect();
+            let refs: Vec<&Example> = order[index * opts.batch_size..end]
+                .iter()
+                .map(|&i| &train[i])
+                .collect();
             batches.push(make_batch(&refs, pad, device)?);
             micro_indices.push(m);
         }
@@ -406,7 +449,13 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         }
         let mut grads = grads.expect("a step has at least one micro-batch");
         let grad_norm = clip_grad_norm(&mut grads, opts.max_grad_norm)?;
-        let lr = learning_rate(opts.learning_rate, opts.scheduler, opts.warmup_steps, state.step, total_steps);
+        let lr = learning_rate(
+            opts.learning_rate,
+            opts.scheduler,
+            opts.warmup_steps,
+            state.step,
+            total_steps,
+        );
         optimizer.update(&params, &grads, lr)?;
         state.step += 1;
         state.micro_batch += micro_indices.len() as u64;
@@ -418,7 +467,16 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         let steps_done = state.step - resumed_from_step;
         let eta = elapsed / steps_done as f64 * (total_steps - state.step) as f64;
         let epoch = state.micro_batch as f64 / batches_per_epoch as f64;
-        tracing::info!(step = state.step, total_steps, loss, lr, grad_norm, epoch, tokens_per_second = tps, "step");
+        tracing::info!(
+            step = state.step,
+            total_steps,
+            loss,
+            lr,
+            grad_norm,
+            epoch,
+            tokens_per_second = tps,
+            "step"
+        );
         update(&control.progress, |p| {
             p.step = state.step;
             p.loss = Some(loss);
@@ -427,9 +485,16 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
             p.eta_seconds = Some(eta);
         });
 
-        let stop = control.stop.load(Ordering::SeqCst) || opts.interrupt_after_step == Some(state.step);
+        let stop =
+            control.stop.load(Ordering::SeqCst) || opts.interrupt_after_step == Some(state.step);
         if state.step % opts.checkpoint_every.max(1) == 0 || stop {
-            let path = save_checkpoint(&opts.checkpoint_dir, opts.checkpoint_keep.max(1), &model, &optimizer, &state)?;
+            let path = save_checkpoint(
+                &opts.checkpoint_dir,
+                opts.checkpoint_keep.max(1),
+                &model,
+                &optimizer,
+                &state,
+            )?;
             tracing::info!(step = state.step, path = %path.display(), "checkpoint written");
         }
         if stop && state.step < total_steps {
@@ -439,7 +504,11 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
 
     update(&control.progress, |p| p.phase = "evaluating".into());
     let eval_loss = mean_eval(&model, &eval, opts.batch_size, pad, Pass::EVAL)?;
-    tracing::info!(eval_loss, base_eval_loss = state.base_eval_loss, "evaluated the tuned model");
+    tracing::info!(
+        eval_loss,
+        base_eval_loss = state.base_eval_loss,
+        "evaluated the tuned model"
+    );
     update(&control.progress, |p| {
         p.phase = "saving".into();
         p.eval_loss = eval_loss;

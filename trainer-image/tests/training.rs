@@ -1,0 +1,214 @@
+//! Training runs end to end on a tiny model: the loss falls, a resumed run equals an
+//! uninterrupted one, and the adapter is written in PEFT's format.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use kubetune_crds::training::{DatasetFormat, Scheduler, TargetModule};
+use kubetune_trainer::adapter::sha256_hex;
+use kubetune_trainer::error::Error;
+use kubetune_trainer::lora::LoraSettings;
+use kubetune_trainer::test_support::{TinyLlama, memorisable_chats, write_jsonl};
+use kubetune_trainer::train::{Control, TrainOptions, train};
+
+fn options(root: &Path, out: &str) -> TrainOptions {
+    TrainOptions {
+        model_dir: root.join("model"),
+        base_model_name: Some("tiny-llama".into()),
+        train_file: root.join("train.jsonl"),
+        eval_file: None,
+        eval_split_percent: 0,
+        format: DatasetFormat::Chat,
+        output_dir: root.join(out),
+        checkpoint_dir: root.join(out).join("checkpoints"),
+        epochs: 1,
+        max_steps: Some(100),
+        learning_rate: 1e-2,
+        batch_size: 4,
+        grad_accum: 1,
+        max_seq_length: 64,
+        warmup_steps: 5,
+        scheduler: Scheduler::Cosine,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        seed: 3,
+        lora: LoraSettings {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            rs_lora: false,
+            targets: TargetModule::ALL.to_vec(),
+        },
+        checkpoint_every: 1000,
+        checkpoint_keep: 2,
+        recompute: false,
+        interrupt_after_step: None,
+    }
+}
+
+fn setup(examples: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    TinyLlama::default()
+        .write(&dir.path().join("model"))
+        .expect("model");
+    write_jsonl(
+        &dir.path().join("train.jsonl"),
+        &memorisable_chats(examples),
+    )
+    .expect("data");
+    dir
+}
+
+#[test]
+fn a_hundred_steps_on_a_memorisable_dataset_cut_the_training_loss_by_80_percent() {
+    let dir = setup(8);
+    let mut opts = options(dir.path(), "out");
+    opts.eval_file = Some(dir.path().join("train.jsonl"));
+    let summary = train(&opts, &Device::Cpu, &Control::default()).expect("train");
+    assert_eq!(summary.steps, 100);
+    let first = summary.loss_history[0];
+    let last = summary.loss_history[99];
+    println!(
+        "loss {first:.4} -> {last:.4} ({:.1}% lower), {:.0} tokens/s",
+        100.0 * (1.0 - last / first),
+        summary.tokens_per_second
+    );
+    assert!(last <= 0.2 * first, "loss fell only from {first} to {last}");
+    let (base, tuned) = (
+        summary.base_eval_loss.expect("base"),
+        summary.eval_loss.expect("tuned"),
+    );
+    assert!(tuned < 0.2 * base, "eval loss {base} -> {tuned}");
+}
+
+#[test]
+fn an_interrupted_and_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one() {
+    let dir = setup(10);
+    let configure = |out: &str| {
+        let mut opts = options(dir.path(), out);
+        opts.max_steps = None;
+        opts.epochs = 3;
+        opts.batch_size = 2;
+        opts.grad_accum = 2;
+        opts.lora.dropout = 0.1;
+        opts.weight_decay = 0.01;
+        opts.checkpoint_every = 2;
+        opts
+    };
+    let whole = configure("whole");
+    let summary = train(&whole, &Device::Cpu, &Control::default()).expect("uninterrupted");
+    assert_eq!(summary.steps, 8, "3 epochs of 5 micro-batches, 2 per step");
+
+    let mut first = configure("resumed");
+    first.interrupt_after_step = Some(5);
+    let err = train(&first, &Device::Cpu, &Control::default()).expect_err("interrupted");
+    assert!(matches!(err, Error::Interrupted { step: 5 }), "{err}");
+    let checkpoints: Vec<String> = std::fs::read_dir(&first.checkpoint_dir)
+        .expect("checkpoints")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut sorted = checkpoints.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["checkpoint-00000004", "checkpoint-00000005"],
+        "keeps the last two"
+    );
+
+    let second = configure("resumed");
+    let resumed = train(&second, &Device::Cpu, &Control::default()).expect("resumed");
+    assert_eq!(resumed.resumed_from_step, 5);
+    assert_eq!(resumed.loss_history, summary.loss_history);
+
+    let load = |out: &str| {
+        candle_core::safetensors::load(
+            dir.path().join(out).join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .expect("adapter")
+    };
+    let (a, b) = (load("whole"), load("resumed"));
+    assert_eq!(a.len(), b.len());
+    for (key, ta) in &a {
+        let tb = &b[key];
+        let diff = (ta - tb)
+            .expect("sub")
+            .abs()
+            .expect("abs")
+            .max_all()
+            .expect("max")
+            .to_scalar::<f32>()
+            .expect("scalar");
+        assert!(diff <= 1e-7, "{key} differs by {diff}");
+    }
+    assert_eq!(summary.adapter.sha256, resumed.adapter.sha256);
+}
+
+#[test]
+fn the_adapter_is_written_with_peft_key_names_shapes_config_and_hash() {
+    let dir = setup(4);
+    let mut opts = options(dir.path(), "out");
+    opts.max_steps = Some(2);
+    opts.lora.rank = 4;
+    opts.lora.targets = vec![
+        TargetModule::QProj,
+        TargetModule::VProj,
+        TargetModule::DownProj,
+    ];
+    opts.eval_split_percent = 25;
+    let summary = train(&opts, &Device::Cpu, &Control::default()).expect("train");
+    let out = dir.path().join("out");
+
+    let bytes = std::fs::read(out.join("adapter_model.safetensors")).expect("adapter");
+    assert_eq!(summary.adapter.sha256, sha256_hex(&bytes));
+    assert_eq!(summary.adapter.size_bytes, bytes.len() as u64);
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).expect("header");
+    let meta = metadata.metadata().clone().expect("metadata");
+    assert_eq!(meta.get("format").map(String::as_str), Some("pt"));
+
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).expect("tensors");
+    let spec = TinyLlama::default();
+    let hd = spec.hidden / spec.heads;
+    let mut expected = Vec::new();
+    for layer in 0..spec.layers {
+        for (path, inp, out) in [
+            ("self_attn.q_proj", spec.hidden, spec.heads * hd),
+            ("self_attn.v_proj", spec.hidden, spec.kv_heads * hd),
+            ("mlp.down_proj", spec.intermediate, spec.hidden),
+        ] {
+            let key = format!("base_model.model.model.layers.{layer}.{path}");
+            expected.push((format!("{key}.lora_A.weight"), vec![4, inp]));
+            expected.push((format!("{key}.lora_B.weight"), vec![out, 4]));
+        }
+    }
+    assert_eq!(tensors.len(), expected.len());
+    for (key, shape) in expected {
+        let t = tensors.get(&key).unwrap_or_else(|| panic!("missing {key}"));
+        assert_eq!(t.dims(), shape.as_slice(), "{key}");
+        assert_eq!(t.dtype(), DType::F32);
+    }
+
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).expect("config"))
+            .expect("json");
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["task_type"], "CAUSAL_LM");
+    assert_eq!(config["r"], 4);
+    assert_eq!(config["lora_alpha"], 16.0);
+    assert_eq!(config["bias"], "none");
+    assert_eq!(config["use_rslora"], false);
+    assert_eq!(config["fan_in_fan_out"], false);
+    assert_eq!(config["base_model_name_or_path"], "tiny-llama");
+    assert_eq!(
+        config["target_modules"],
+        serde_json::json!(["down_proj", "q_proj", "v_proj"])
+    );
+
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("metrics.json")).expect("metrics"))
+            .expect("json");
+    assert_eq!(metrics["adapter"]["sha256"], summary.adapter.sha256);
+    assert_eq!(metrics["evalExamples"], 1);
+    assert_eq!(metrics["trainExamples"], 3);
+    assert!(metrics["baseEvalLoss"].as_f64().expect("base eval") > 0.0);
+}
