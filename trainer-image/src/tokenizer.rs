@@ -159,6 +159,13 @@ impl TextTokenizer {
             .map_err(|err| Error::Tokenizer(err.to_string()))
     }
 
+    /// Text of `ids`, special tokens included.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|err| Error::Tokenizer(err.to_string()))
+    }
+
     /// Renders a conversation with the chat template.
     pub fn render_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let env = self.chat.as_ref().ok_or_else(|| {

@@ -187,3 +187,91 @@ fn training_from_a_mounted_config_writes_the_adapter_and_eval_prints_one_json_li
     assert!(base["tokens"].as_u64().expect("tokens") > 0);
     assert_ne!(base["loss"], tuned["loss"], "the adapter changes the model");
 }
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+}
+
+#[test]
+fn sigterm_during_training_checkpoints_and_exits_with_a_retryable_code() {
+    let dir = setup();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let (model, data, out) = (
+        path(dir.path(), "model"),
+        path(dir.path(), "train.jsonl"),
+        path(dir.path(), "out"),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kubetune-trainer"))
+        .args([
+            "train",
+            "--model",
+            &model,
+            "--data",
+            &data,
+            "--out",
+            &out,
+            "--max-steps",
+            "1000000",
+        ])
+        .args(["--rank", "2", "--checkpoint-every", "1000000"])
+        .env(
+            "KUBETUNE_TERMINATION_LOG",
+            dir.path().join("termination-log"),
+        )
+        .env("KUBETUNE_PROGRESS_ADDR", format!("127.0.0.1:{port}"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let progress = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no progress within 60 s"
+        );
+        if let Some(body) = http_get(port, "/progress") {
+            let p: serde_json::Value = serde_json::from_str(&body).expect("progress is JSON");
+            if p["step"].as_u64().unwrap_or(0) >= 2 {
+                break p;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(progress["totalSteps"], 1_000_000);
+    assert!(progress["loss"].as_f64().is_some() && progress["tokensPerSecond"].as_f64().is_some());
+    assert!(progress.get("etaSeconds").is_some() && progress.get("evalLoss").is_some());
+    let metrics = http_get(port, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("# TYPE kubetune_trainer_step gauge"),
+        "{metrics}"
+    );
+    assert_eq!(http_get(port, "/healthz").as_deref(), Some("ok"));
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = child.wait().expect("wait");
+    assert_eq!(exit.code(), Some(143));
+    let checkpoints: Vec<_> = std::fs::read_dir(dir.path().join("out").join("checkpoints"))
+        .expect("checkpoint dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
+    assert!(!termination_log(dir.path()).contains("adapterSha256"));
+}
