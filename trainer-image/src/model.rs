@@ -11,13 +11,13 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use kubetune_crds::training::TargetModule;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::{AdapterPairs, DropoutKey, LoraPair, LoraSettings, dropout_mask};
-use crate::ops::{frozen_linear, log_softmax_last_dim, rms_norm, rope, softmax_last_dim};
+use crate::ops::{cross_entropy_sum, frozen_linear, rms_norm, rope, softmax_last_dim};
 use crate::rng::Rng;
 
 /// The device the trainer computes on: the first CUDA GPU with the `cuda` feature,
@@ -540,9 +540,7 @@ impl Llama {
         let normed = rms_norm(&picked, &self.norm, self.config.rms_norm_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let logits = frozen_linear(&normed, head)?.to_dtype(DType::F32)?;
-        let logp = log_softmax_last_dim(&logits)?;
-        let picked = logp.gather(&targets.unsqueeze(1)?, D::Minus1)?;
-        Ok(picked.sum_all()?.neg()?)
+        cross_entropy_sum(&logits, targets)
     }
 
     /// Logits `[batch, seq, vocab]` (f32) of a full forward pass, for inspection and tests.

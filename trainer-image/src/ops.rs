@@ -89,6 +89,127 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     Ok(y.reshape(out_shape)?)
 }
 
+/// Per-row cross-entropy `logsumexp(logits) − logits[target]` of f32 logits `[n, vocab]`
+/// and u32 targets `[n]`, fused on the CPU: one pass forward, and a backward that
+/// writes `softmax − onehot` directly instead of differentiating through a chain of
+/// `[n, vocab]` intermediates (which would also all be kept alive until backward).
+#[derive(Debug)]
+struct CrossEntropy;
+
+/// The gradient of [`CrossEntropy`] with respect to the logits (no backward itself).
+#[derive(Debug)]
+struct CrossEntropyGrad;
+
+fn ce_inputs<'a>(
+    logits: &'a CpuStorage,
+    ll: &Layout,
+    targets: &'a CpuStorage,
+    tl: &Layout,
+) -> candle_core::Result<(&'a [f32], &'a [u32], usize)> {
+    let (n, vocab) = ll.shape().dims2()?;
+    let (Some((ls, le)), Some((ts, te))) = (ll.contiguous_offsets(), tl.contiguous_offsets())
+    else {
+        candle_core::bail!("cross-entropy needs contiguous inputs");
+    };
+    let logits = &logits.as_slice::<f32>()?[ls..le];
+    let targets = &targets.as_slice::<u32>()?[ts..te];
+    if targets.len() != n {
+        candle_core::bail!("cross-entropy: {n} rows but {} targets", targets.len());
+    }
+    if let Some(bad) = targets.iter().find(|t| **t as usize >= vocab) {
+        candle_core::bail!("cross-entropy: target {bad} outside the vocabulary of {vocab}");
+    }
+    Ok((logits, targets, vocab))
+}
+
+fn row_max_and_sum(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum = row.iter().map(|x| (x - max).exp()).sum();
+    (max, sum)
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (logits, targets, vocab) = ce_inputs(ls, ll, ts, tl)?;
+        let losses: Vec<f32> = logits
+            .par_chunks(vocab)
+            .zip(targets.par_iter())
+            .map(|(row, &t)| {
+                let (max, sum) = row_max_and_sum(row);
+                max + sum.ln() - row[t as usize]
+            })
+            .collect();
+        let n = losses.len();
+        Ok((CpuStorage::F32(losses), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dlogits = logits.apply_op2_no_bwd(targets, &CrossEntropyGrad)?;
+        Ok((Some(dlogits.broadcast_mul(&grad.unsqueeze(1)?)?), None))
+    }
+}
+
+impl CustomOp2 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (logits, targets, vocab) = ce_inputs(ls, ll, ts, tl)?;
+        let mut out = vec![0f32; logits.len()];
+        out.par_chunks_mut(vocab)
+            .zip(logits.par_chunks(vocab))
+            .zip(targets.par_iter())
+            .for_each(|((o, row), &t)| {
+                let (max, sum) = row_max_and_sum(row);
+                let inv = 1.0 / sum;
+                for (o, x) in o.iter_mut().zip(row) {
+                    *o = (x - max).exp() * inv;
+                }
+                o[t as usize] -= 1.0;
+            });
+        Ok((CpuStorage::F32(out), ll.shape().clone()))
+    }
+}
+
+/// Summed cross-entropy of f32 `logits` `[n, vocab]` against u32 `targets` `[n]`: fused
+/// on the CPU, composed from differentiable ops elsewhere.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if logits.device().is_cpu() {
+        let logits = logits.contiguous()?;
+        let targets = targets.contiguous()?;
+        Ok(logits.apply_op2(&targets, CrossEntropy)?.sum_all()?)
+    } else {
+        let logp = log_softmax_last_dim(logits)?;
+        let picked = logp.gather(&targets.unsqueeze(1)?, D::Minus1)?;
+        Ok(picked.sum_all()?.neg()?)
+    }
+}
+
 /// RMSNorm in f32, `x / sqrt(mean(x²) + eps) · w`, cast back to `x`'s dtype.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
@@ -130,6 +251,49 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
+
+    #[test]
+    fn fused_cross_entropy_matches_the_composed_one_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let values: Vec<f32> = (0..3 * 7)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3)
+            .collect();
+        let logits = Var::from_vec(values, (3, 7), &dev).expect("var");
+        let targets = Tensor::new(&[2u32, 0, 6], &dev).expect("targets");
+        let fused = cross_entropy_sum(logits.as_tensor(), &targets).expect("fused");
+        let composed = log_softmax_last_dim(logits.as_tensor())
+            .and_then(|l| {
+                Ok(l.gather(&targets.unsqueeze(1)?, D::Minus1)?
+                    .sum_all()?
+                    .neg()?)
+            })
+            .expect("composed");
+        let (a, b) = (
+            fused.to_scalar::<f32>().expect("a"),
+            composed.to_scalar::<f32>().expect("b"),
+        );
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        let ga = fused
+            .backward()
+            .expect("bwd")
+            .get(logits.as_tensor())
+            .cloned();
+        let gb = composed
+            .backward()
+            .expect("bwd")
+            .get(logits.as_tensor())
+            .cloned();
+        let (ga, gb) = (ga.expect("fused grad"), gb.expect("composed grad"));
+        let diff = (ga - gb)
+            .expect("sub")
+            .abs()
+            .expect("abs")
+            .max_all()
+            .expect("max")
+            .to_scalar::<f32>()
+            .expect("scalar");
+        assert!(diff < 1e-5, "gradients differ by {diff}");
+    }
 
     #[test]
     fn frozen_linear_matches_matmul_and_gives_the_weight_no_gradient() {

@@ -49,6 +49,8 @@ pub struct TinyLlama {
     pub embed_std: f64,
     /// Seed of the random weights.
     pub seed: u64,
+    /// Write a Qwen2 checkpoint (q/k/v biases) instead of a Llama one.
+    pub qwen2: bool,
 }
 
 impl Default for TinyLlama {
@@ -66,6 +68,7 @@ impl Default for TinyLlama {
             init_std: 0.1,
             embed_std: 0.5,
             seed: 7,
+            qwen2: false,
         }
     }
 }
@@ -87,8 +90,8 @@ impl TinyLlama {
     /// The `config.json` of the model.
     pub fn config_json(&self) -> serde_json::Value {
         let mut config = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [if self.qwen2 { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
+            "model_type": if self.qwen2 { "qwen2" } else { "llama" },
             "hidden_size": self.hidden,
             "intermediate_size": self.intermediate,
             "num_hidden_layers": self.layers,
@@ -150,6 +153,10 @@ impl TinyLlama {
                 ("mlp.down_proj", (h, i)),
             ] {
                 tensors.push((format!("{p}.{name}.weight"), random(shape, self.init_std)?));
+                if self.qwen2 && name.starts_with("self_attn.") && name != "self_attn.o_proj" {
+                    let bias = random((1, shape.0), self.init_std)?.flatten_all()?;
+                    tensors.push((format!("{p}.{name}.bias"), bias));
+                }
             }
             let ones = || Tensor::ones(h, candle_core::DType::F32, &dev);
             tensors.push((format!("{p}.input_layernorm.weight"), ones()?));

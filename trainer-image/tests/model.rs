@@ -20,11 +20,14 @@ struct Fixture {
 /// A tiny model with adapters on every module whose B is random (a fresh B is zero,
 /// which would make every gradient of A vanish).
 fn fixture(tie: bool) -> Fixture {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let spec = TinyLlama {
+    fixture_of(TinyLlama {
         tie_embeddings: tie,
         ..TinyLlama::default()
-    };
+    })
+}
+
+fn fixture_of(spec: TinyLlama) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
     spec.write(dir.path()).expect("write model");
     let mut model = Llama::load(dir.path(), &Device::Cpu).expect("load");
     let settings = LoraSettings {
@@ -74,7 +77,20 @@ fn loss(f: &Fixture, pass: Pass) -> f64 {
 
 #[test]
 fn adapter_gradients_match_finite_differences() {
-    let f = fixture(false);
+    check_finite_differences(&fixture(false));
+}
+
+#[test]
+fn qwen2_checkpoints_with_qkv_biases_load_and_differentiate_correctly() {
+    let f = fixture_of(TinyLlama {
+        qwen2: true,
+        llama3_rope: false,
+        ..TinyLlama::default()
+    });
+    check_finite_differences(&f);
+}
+
+fn check_finite_differences(f: &Fixture) {
     let named = f.model.lora_params();
     let params: Vec<&Var> = named.iter().map(|(_, v)| *v).collect();
     let (_, grads) =
@@ -99,10 +115,10 @@ fn adapter_gradients_match_finite_differences() {
         let eps = 1e-2;
         var.set(&(&original + (&d * eps).expect("scale")).expect("add"))
             .expect("set");
-        let plus = loss(&f, TRAIN_PASS);
+        let plus = loss(f, TRAIN_PASS);
         var.set(&(&original - (&d * eps).expect("scale")).expect("sub"))
             .expect("set");
-        let minus = loss(&f, TRAIN_PASS);
+        let minus = loss(f, TRAIN_PASS);
         var.set(&original).expect("restore");
         let numeric = (plus - minus) / (2.0 * eps);
         let tolerance = 2e-2 * analytic.abs().max(numeric.abs()) + 2e-3;

@@ -1,0 +1,333 @@
+//! LoRA training throughput and peak memory of the trainer on CPU, side by side with
+//! PyTorch + PEFT on the same model shape, data and settings.
+//!
+//! ```text
+//! cargo run --release -p kubetune-trainer --example bench -- [--steps N] [--seq-len T]
+//!     [--batch-size B] [--rank R] [--no-pytorch] [--venv DIR]
+//! ```
+//!
+//! It writes a random ~50M-parameter Llama (hidden 512, 10 blocks, 8 heads / 4 KV
+//! heads, MLP 1536, vocabulary 32000, tied embeddings) and a text dataset into a
+//! temporary directory, then trains it in a child process (so peak RSS is the
+//! trainer's alone) with LoRA on q/k/v/o. With PyTorch it creates a throwaway virtual
+//! environment (or reuses `--venv`), installs torch, transformers and peft from PyPI,
+//! and runs the same steps with `LlamaForCausalLM` + `get_peft_model`. The last line of
+//! output is one JSON object with snake_case keys carrying units.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kubetune_crds::training::{DatasetFormat, Scheduler, TargetModule};
+use kubetune_trainer::config::ModelConfig;
+use kubetune_trainer::lora::LoraSettings;
+use kubetune_trainer::rng::Rng;
+use kubetune_trainer::test_support::{TinyLlama, write_jsonl};
+use kubetune_trainer::tokenizer::TextTokenizer;
+use kubetune_trainer::train::{Control, TrainOptions, train};
+
+const PYTHON_PINS: [&str; 3] = ["torch==2.15.0", "transformers==5.24.0", "peft==0.21.2"];
+
+#[derive(Debug)]
+struct Args {
+    steps: u64,
+    seq_len: usize,
+    batch_size: usize,
+    rank: usize,
+    pytorch: bool,
+    venv: Option<PathBuf>,
+    worker: Option<PathBuf>,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        steps: 12,
+        seq_len: 256,
+        batch_size: 4,
+        rank: 16,
+        pytorch: true,
+        venv: None,
+        worker: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--steps" => args.steps = value().parse().expect("--steps is a number"),
+            "--seq-len" => args.seq_len = value().parse().expect("--seq-len is a number"),
+            "--batch-size" => args.batch_size = value().parse().expect("--batch-size is a number"),
+            "--rank" => args.rank = value().parse().expect("--rank is a number"),
+            "--no-pytorch" => args.pytorch = false,
+            "--venv" => args.venv = Some(value().into()),
+            "--worker" => args.worker = Some(value().into()),
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    args
+}
+
+fn model_spec() -> TinyLlama {
+    TinyLlama {
+        hidden: 512,
+        intermediate: 1536,
+        layers: 10,
+        heads: 8,
+        kv_heads: 4,
+        vocab: 32000,
+        tie_embeddings: true,
+        llama3_rope: false,
+        shards: 1,
+        init_std: 0.02,
+        embed_std: 0.02,
+        seed: 1,
+        qwen2: false,
+    }
+}
+
+fn options(root: &Path, args: &Args) -> TrainOptions {
+    TrainOptions {
+        model_dir: root.join("model"),
+        base_model_name: None,
+        train_file: root.join("train.jsonl"),
+        eval_file: None,
+        eval_split_percent: 0,
+        format: DatasetFormat::Text,
+        output_dir: root.join("out"),
+        checkpoint_dir: root.join("out").join("checkpoints"),
+        epochs: 1,
+        max_steps: Some(args.steps),
+        learning_rate: 2e-4,
+        batch_size: args.batch_size,
+        grad_accum: 1,
+        max_seq_length: args.seq_len,
+        warmup_steps: 0,
+        scheduler: Scheduler::Constant,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        seed: 1,
+        lora: LoraSettings {
+            rank: args.rank,
+            alpha: 2.0 * args.rank as f64,
+            dropout: 0.0,
+            rs_lora: false,
+            targets: vec![
+                TargetModule::QProj,
+                TargetModule::KProj,
+                TargetModule::VProj,
+                TargetModule::OProj,
+            ],
+        },
+        checkpoint_every: 1_000_000,
+        checkpoint_keep: 1,
+        recompute: false,
+        interrupt_after_step: None,
+    }
+}
+
+/// Peak resident set of a running process, from /proc (kB → MiB).
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Runs a command, sampling its peak RSS until it exits; returns its stdout.
+fn run_measured(command: &mut Command) -> (String, f64) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the benchmark child starts");
+    let pid = child.id();
+    let mut peak = 0f64;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    loop {
+        if let Some(p) = peak_rss_mib(pid) {
+            peak = peak.max(p);
+        }
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "benchmark child failed: {status}");
+    (reader.join().expect("reader"), peak)
+}
+
+fn last_json(text: &str) -> serde_json::Value {
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON line");
+    serde_json::from_str(line).expect("valid JSON")
+}
+
+const PYTHON: &str = r#"
+import json, os, resource, sys, time
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from peft import LoraConfig, get_peft_model
+spec = json.load(open(sys.argv[1]))
+torch.manual_seed(1)
+torch.set_num_threads(os.cpu_count())
+cfg = LlamaConfig(hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
+    num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+    num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"],
+    tie_word_embeddings=True, rms_norm_eps=1e-5, max_position_embeddings=4096)
+model = LlamaForCausalLM(cfg).float()
+model = get_peft_model(model, LoraConfig(r=spec["rank"], lora_alpha=2 * spec["rank"],
+    lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"))
+model.train()
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.0)
+batches = spec["batches"]
+def step(ids):
+    x = torch.tensor(ids)
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    opt.step(); opt.zero_grad(set_to_none=True)
+step(batches[0])
+tokens = 0
+start = time.perf_counter()
+for ids in batches[1:]:
+    step(ids)
+    tokens += sum(len(s) - 1 for s in ids)
+elapsed = time.perf_counter() - start
+print(json.dumps({"tokens_per_s": tokens / elapsed,
+    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"#;
+
+fn pytorch(root: &Path, args: &Args, batches: &[Vec<Vec<u32>>]) -> (f64, f64) {
+    let venv = args.venv.clone().unwrap_or_else(|| root.join("venv"));
+    let python = venv.join("bin").join("python");
+    if !python.exists() {
+        eprintln!(
+            "creating a virtual environment in {} and installing {PYTHON_PINS:?}",
+            venv.display()
+        );
+        let ok = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 runs")
+            .success();
+        assert!(ok, "python3 -m venv failed");
+        let ok = Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(PYTHON_PINS)
+            .status()
+            .expect("pip runs")
+            .success();
+        assert!(ok, "pip install failed");
+    }
+    let spec = model_spec();
+    let input = serde_json::json!({
+        "hidden": spec.hidden, "intermediate": spec.intermediate, "layers": spec.layers,
+        "heads": spec.heads, "kv_heads": spec.kv_heads, "vocab": spec.vocab,
+        "rank": args.rank, "batches": batches,
+    });
+    let input_path = root.join("pytorch-input.json");
+    std::fs::write(&input_path, input.to_string()).expect("write input");
+    let script = root.join("bench.py");
+    std::fs::write(&script, PYTHON).expect("write script");
+    let (out, peak) = run_measured(Command::new(&python).arg(&script).arg(&input_path));
+    let report = last_json(&out);
+    let tps = report["tokens_per_s"].as_f64().expect("tokens_per_s");
+    (
+        tps,
+        peak.max(report["peak_rss_mib"].as_f64().unwrap_or(0.0)),
+    )
+}
+
+fn main() {
+    let args = parse_args();
+    if let Some(root) = &args.worker {
+        // The child: train and report.
+        let opts = options(root, &args);
+        let device = kubetune_trainer::model::default_device().expect("device");
+        let summary = train(&opts, &device, &Control::default()).expect("training runs");
+        println!(
+            "{}",
+            serde_json::json!({"tokens_per_s": summary.tokens_per_second})
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let spec = model_spec();
+    let started = Instant::now();
+    spec.write(&root.join("model")).expect("write model");
+    // Random lowercase text; the fixture tokenizer has one token per byte.
+    let mut rng = Rng::new(5);
+    let examples = args.batch_size * args.steps as usize;
+    let lines: Vec<serde_json::Value> = (0..examples)
+        .map(|_| {
+            let text: String = (0..args.seq_len - 2)
+                .map(|_| char::from(b'a' + rng.below(26) as u8))
+                .collect();
+            serde_json::json!({ "text": text })
+        })
+        .collect();
+    write_jsonl(&root.join("train.jsonl"), &lines).expect("write data");
+    eprintln!(
+        "model: {:.1}M parameters, written in {:.1}s",
+        spec.parameters() as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+
+    let exe = std::env::current_exe().expect("own path");
+    let (out, rust_peak) = run_measured(
+        Command::new(exe)
+            .args(["--worker", &root.to_string_lossy()])
+            .args([
+                "--steps",
+                &args.steps.to_string(),
+                "--seq-len",
+                &args.seq_len.to_string(),
+            ])
+            .args([
+                "--batch-size",
+                &args.batch_size.to_string(),
+                "--rank",
+                &args.rank.to_string(),
+            ]),
+    );
+    let rust_tps = last_json(&out)["tokens_per_s"]
+        .as_f64()
+        .expect("tokens_per_s");
+    eprintln!("kubetune-trainer: {rust_tps:.0} tokens/s, peak RSS {rust_peak:.0} MiB");
+
+    let mut report = serde_json::json!({
+        "model_params_m": spec.parameters() as f64 / 1e6,
+        "seq_len_tokens": args.seq_len,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "lora_rank": args.rank,
+        "tokens_per_s": rust_tps,
+        "peak_rss_mib": rust_peak,
+    });
+    if args.pytorch {
+        // The same token sequences, in the same batches and order.
+        let config = ModelConfig::load(&root.join("model")).expect("config");
+        let tokenizer = TextTokenizer::load(&root.join("model"), &config).expect("tokenizer");
+        let seqs: Vec<Vec<u32>> = lines
+            .iter()
+            .map(|l| {
+                let text = l["text"].as_str().expect("text");
+                tokenizer.encode_text(text).expect("encode").tokens
+            })
+            .collect();
+        let batches: Vec<Vec<Vec<u32>>> =
+            seqs.chunks(args.batch_size).map(|c| c.to_vec()).collect();
+        let (py_tps, py_peak) = pytorch(root, &args, &batches);
+        eprintln!("pytorch + peft: {py_tps:.0} tokens/s, peak RSS {py_peak:.0} MiB");
+        report["pytorch_tokens_per_s"] = py_tps.into();
+        report["pytorch_peak_rss_mib"] = py_peak.into();
+        report["tokens_per_s_ratio"] = (rust_tps / py_tps).into();
+        report["peak_rss_ratio"] = (rust_peak / py_peak).into();
+    }
+    println!("{report}");
+}
