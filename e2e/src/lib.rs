@@ -1,0 +1,11 @@
+//! kubetune's tests that need a Kubernetes cluster.
+//!
+//! The tests live in `e2e/tests/`; they run against the local cluster that
+//! `cargo xtask cluster up` starts (found through the kubeconfig it writes, or
+//! `KUBECONFIG`), each in a throwaway namespace, and skip with a message when no
+//! cluster is up. `cargo xtask test` brings the cluster up around them and sets
+//! `KUBETUNE_REQUIRE_CLUSTER=1`, which turns a missing cluster into a failure.
+//! `test_support` is what they share: finding the cluster, namespaces, pod
+//! builders and waits.
+
+pub mod test_support;
