@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p kubetune-trainer --example bench -- [--steps N] [--seq-len T]
-//!     [--batch-size B] [--rank R] [--no-pytorch] [--venv DIR]
+//!     [--batch-size B] [--rank R] [--recompute] [--no-pytorch] [--venv DIR]
 //! ```
 //!
 //! It writes a random ~50M-parameter Llama (hidden 512, 10 blocks, 8 heads / 4 KV
@@ -37,6 +37,7 @@ struct Args {
     pytorch: bool,
     venv: Option<PathBuf>,
     worker: Option<PathBuf>,
+    recompute: bool,
 }
 
 fn parse_args() -> Args {
@@ -48,6 +49,7 @@ fn parse_args() -> Args {
         pytorch: true,
         venv: None,
         worker: None,
+        recompute: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -58,6 +60,7 @@ fn parse_args() -> Args {
             "--batch-size" => args.batch_size = value().parse().expect("--batch-size is a number"),
             "--rank" => args.rank = value().parse().expect("--rank is a number"),
             "--no-pytorch" => args.pytorch = false,
+            "--recompute" => args.recompute = true,
             "--venv" => args.venv = Some(value().into()),
             "--worker" => args.worker = Some(value().into()),
             other => panic!("unknown flag {other}"),
@@ -119,7 +122,7 @@ fn options(root: &Path, args: &Args) -> TrainOptions {
         },
         checkpoint_every: 1_000_000,
         checkpoint_keep: 1,
-        recompute: false,
+        recompute: args.recompute,
         interrupt_after_step: None,
     }
 }
@@ -279,8 +282,12 @@ fn main() {
     );
 
     let exe = std::env::current_exe().expect("own path");
+    let mut worker = Command::new(exe);
+    if args.recompute {
+        worker.arg("--recompute");
+    }
     let (out, rust_peak) = run_measured(
-        Command::new(exe)
+        worker
             .args(["--worker", &root.to_string_lossy()])
             .args([
                 "--steps",
@@ -306,6 +313,7 @@ fn main() {
         "batch_size": args.batch_size,
         "steps": args.steps,
         "lora_rank": args.rank,
+        "recompute": args.recompute,
         "tokens_per_s": rust_tps,
         "peak_rss_mib": rust_peak,
     });

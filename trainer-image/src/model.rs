@@ -17,7 +17,7 @@ use kubetune_crds::training::TargetModule;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::{AdapterPairs, DropoutKey, LoraPair, LoraSettings, dropout_mask};
-use crate::ops::{cross_entropy_sum, frozen_linear, rms_norm, rope, softmax_last_dim};
+use crate::ops::{causal_softmax, cross_entropy_sum, frozen_linear, rms_norm, rope};
 use crate::rng::Rng;
 
 /// The device the trainer computes on: the first CUDA GPU with the `cuda` feature,
@@ -516,8 +516,9 @@ impl Llama {
             };
             (expand(&k)?, expand(&v)?)
         };
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let probs = softmax_last_dim(&scores.broadcast_add(&pos.mask)?)?;
+        let scores = q.matmul(&k.t()?)?;
+        let window = cfg.sliding_window.unwrap_or(usize::MAX);
+        let probs = causal_softmax(&scores, 1.0 / (hd as f64).sqrt(), window, &pos.mask)?;
         let attn = probs
             .matmul(&v)?
             .transpose(1, 2)?

@@ -8,7 +8,7 @@
 //! would compute and keep.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Shape, Tensor};
 
 use crate::error::Result;
 
@@ -196,6 +196,78 @@ impl CustomOp2 for CrossEntropyGrad {
     }
 }
 
+/// `softmax(scale·scores)` over the last dimension with a causal (and optionally
+/// sliding-window) mask, fused on the CPU. Only the probabilities are kept for
+/// backward, instead of every intermediate of the composed chain (scaled, masked,
+/// shifted, exponentiated), which dominate activation memory at longer sequences.
+#[derive(Debug)]
+struct CausalSoftmax {
+    scale: f32,
+    window: usize,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let dims = l.dims();
+        let (Some(&t), Some((start, end))) = (dims.last(), l.contiguous_offsets()) else {
+            candle_core::bail!("causal softmax needs contiguous scores");
+        };
+        let scores = &s.as_slice::<f32>()?[start..end];
+        let mut out = vec![0f32; scores.len()];
+        out.par_chunks_mut(t)
+            .zip(scores.par_chunks(t))
+            .enumerate()
+            .for_each(|(row, (o, x))| {
+                let i = row % t;
+                let first = (i + 1).saturating_sub(self.window);
+                let visible = &x[first..=i];
+                let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max) * self.scale;
+                let mut sum = 0f32;
+                for (o, x) in o[first..=i].iter_mut().zip(visible) {
+                    *o = (x * self.scale - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                for o in &mut o[first..=i] {
+                    *o *= inv;
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _scores: &Tensor,
+        probs: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // d softmax: p ⊙ (g − Σ g⊙p), times the scale; masked entries have p = 0.
+        let dot = (grad * probs)?.sum_keepdim(D::Minus1)?;
+        let g = (grad.broadcast_sub(&dot)? * probs)?;
+        Ok(Some((g * f64::from(self.scale))?))
+    }
+}
+
+/// Attention probabilities `softmax(scale·scores + mask)` for scores `[.., seq, seq]`:
+/// fused on the CPU (causal, with `window` for sliding-window attention), composed
+/// with the explicit additive `mask` elsewhere.
+pub fn causal_softmax(scores: &Tensor, scale: f64, window: usize, mask: &Tensor) -> Result<Tensor> {
+    if scores.device().is_cpu() && scores.dtype() == DType::F32 {
+        let scores = scores.contiguous()?;
+        Ok(scores.apply_op1(CausalSoftmax {
+            scale: scale as f32,
+            window: window.max(1),
+        })?)
+    } else {
+        softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)
+    }
+}
+
 /// Summed cross-entropy of f32 `logits` `[n, vocab]` against u32 `targets` `[n]`: fused
 /// on the CPU, composed from differentiable ops elsewhere.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -293,6 +365,65 @@ mod tests {
             .to_scalar::<f32>()
             .expect("scalar");
         assert!(diff < 1e-5, "gradients differ by {diff}");
+    }
+
+    #[test]
+    fn fused_causal_softmax_matches_the_masked_composition_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        let t = 5;
+        let values: Vec<f32> = (0..2 * t * t)
+            .map(|i| ((i * 29 % 13) as f32 - 6.0) * 0.4)
+            .collect();
+        let scores = Var::from_vec(values, (2, t, t), &dev).expect("var");
+        let weights: Vec<f32> = (0..2 * t * t).map(|i| (i % 7) as f32 - 3.0).collect();
+        let weights = Tensor::from_vec(weights, (2, t, t), &dev).expect("weights");
+        for window in [usize::MAX, 2] {
+            let mask: Vec<f32> = (0..t * t)
+                .map(|ij| {
+                    let (i, j) = (ij / t, ij % t);
+                    if j > i || i - j >= window {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (t, t), &dev).expect("mask");
+            let fused = causal_softmax(scores.as_tensor(), 0.7, window, &mask).expect("fused");
+            let composed = softmax_last_dim(
+                &(scores.as_tensor() * 0.7)
+                    .expect("scale")
+                    .broadcast_add(&mask)
+                    .expect("mask"),
+            )
+            .expect("composed");
+            let max_diff = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .expect("sub")
+                    .abs()
+                    .expect("abs")
+                    .max_all()
+                    .expect("max")
+                    .to_scalar::<f32>()
+                    .expect("scalar")
+            };
+            assert!(max_diff(&fused, &composed) < 1e-6, "window {window}");
+            let grad = |p: &Tensor| {
+                (p * &weights)
+                    .expect("mul")
+                    .sum_all()
+                    .expect("sum")
+                    .backward()
+                    .expect("bwd")
+                    .get(scores.as_tensor())
+                    .cloned()
+                    .expect("grad")
+            };
+            assert!(
+                max_diff(&grad(&fused), &grad(&composed)) < 1e-5,
+                "window {window}"
+            );
+        }
     }
 
     #[test]
