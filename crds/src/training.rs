@@ -484,3 +484,33 @@ mod tests {
         assert_eq!(back, config);
     }
 }
+
+/// The contract between the operator and the trainer pods it creates: where the config
+/// is mounted, which environment variables carry each pod's place in the gang, where
+/// progress is served, and what exit codes mean. Both sides use these constants.
+pub mod contract {
+    /// Where the rendered [`TrainerConfig`](super::TrainerConfig) is mounted, as JSON.
+    pub const CONFIG_PATH: &str = "/etc/kubetune/trainer.json";
+    /// The pod's rank, 0 to world size − 1 (rank 0 hosts the rendezvous and reports
+    /// progress).
+    pub const ENV_RANK: &str = "KUBETUNE_RANK";
+    /// The number of trainer pods in the gang.
+    pub const ENV_WORLD_SIZE: &str = "KUBETUNE_WORLD_SIZE";
+    /// `host:port` of rank 0's rendezvous, resolvable from every rank.
+    pub const ENV_RENDEZVOUS: &str = "KUBETUNE_RENDEZVOUS";
+    /// The address the trainer serves progress and metrics on.
+    pub const ENV_PROGRESS_ADDR: &str = "KUBETUNE_PROGRESS_ADDR";
+    /// The port progress is served on (`GET /progress`, `/metrics`, `/healthz`).
+    pub const PROGRESS_PORT: u16 = 8080;
+    /// The port rank 0 listens on for the rendezvous.
+    pub const RENDEZVOUS_PORT: u16 = 29500;
+    /// Where the trainer writes why it failed; the operator reads it from the pod's
+    /// terminated state.
+    pub const ENV_TERMINATION_LOG: &str = "KUBETUNE_TERMINATION_LOG";
+    /// Exit code for success.
+    pub const EXIT_SUCCESS: i32 = 0;
+    /// Exit code for invalid input (a bad dataset line, a missing file, an unsupported
+    /// model): retrying cannot help, so the job fails at once with the trainer's message.
+    /// Every other non-zero code is retryable.
+    pub const EXIT_INVALID_INPUT: i32 = 2;
+}

@@ -1,0 +1,332 @@
+//! The FineTuneJob reconciler: read → plan (pure) → apply → write status.
+//!
+//! Children are applied with server-side apply under one field manager, except the
+//! attempt's Job, which is created (its pod template is immutable) and tolerates
+//! AlreadyExists, so a reconcile that runs twice, or after an operator restart, creates
+//! nothing twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use kubetune_crds::FineTuneJob;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::error::Error;
+use crate::finetunejob::observe;
+use crate::finetunejob::plan::{self, Action, Observed};
+use crate::finetunejob::render::{self, ATTEMPT_LABEL, AttemptContext, JOB_LABEL};
+use crate::names;
+
+/// The field manager of everything the operator writes.
+pub const FIELD_MANAGER: &str = "kubetune-operator";
+
+/// Settings of the FineTuneJob controller.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The trainer image for jobs that don't name one.
+    pub trainer_image: String,
+    /// Periodic resync of a healthy job.
+    pub resync: Duration,
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    client: Client,
+    recorder: Recorder,
+    settings: Settings,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs the controller until the stream ends (on shutdown).
+pub async fn run(client: Client, namespace: Option<String>, settings: Settings) {
+    let (jobs, ftjs, pods): (Api<Job>, Api<FineTuneJob>, Api<Pod>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let context = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+        client,
+        settings,
+    });
+    let trainer_pods = watcher::Config::default().labels(JOB_LABEL);
+    Controller::new(ftjs, watcher::Config::default())
+        .owns(jobs, watcher::Config::default().labels(JOB_LABEL))
+        // A pod's scheduling and start show in the Job late or not at all.
+        .watches(pods, trainer_pods, |pod| {
+            let name = pod.labels().get(JOB_LABEL).cloned();
+            let namespace = pod.namespace();
+            name.map(|name| ObjectRef::new(&name).within(namespace.as_deref().unwrap_or_default()))
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                warn!(%error, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn error_policy(_ftj: Arc<FineTuneJob>, error: &Error, _context: Arc<Context>) -> Requeue {
+    warn!(category = error.category(), %error, "reconcile failed; retrying");
+    Requeue::requeue(Duration::from_secs(15))
+}
+
+async fn reconcile(ftj: Arc<FineTuneJob>, context: Arc<Context>) -> Result<Requeue, Error> {
+    let namespace = ftj.namespace().unwrap_or_default();
+    let name = ftj.name_any();
+    let span = info_span!("reconcile", namespace = %namespace, name = %name);
+    reconcile_inner(&ftj, &context, &namespace, &name)
+        .instrument(span)
+        .await
+}
+
+async fn reconcile_inner(
+    ftj: &FineTuneJob,
+    context: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Requeue, Error> {
+    let client = &context.client;
+    let object = ObjectRef::from_obj(ftj);
+    let read = |what: &'static str| {
+        let object = object.clone();
+        move |source| Error::Read {
+            what,
+            object,
+            source,
+        }
+    };
+
+    // Read what the job refers to.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let mut missing_claims = Vec::new();
+    for claim in [
+        &ftj.spec.base_model.volume.claim_name,
+        &ftj.spec.dataset.claim_name,
+        &ftj.spec.output.volume.claim_name,
+    ] {
+        if !missing_claims.contains(claim)
+            && claims
+                .get_opt(claim)
+                .await
+                .map_err(read("PersistentVolumeClaim"))?
+                .is_none()
+        {
+            missing_claims.push(claim.clone());
+        }
+    }
+
+    // Observe the current attempt.
+    let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+    let attempt = ftj
+        .status
+        .as_ref()
+        .and_then(|s| s.attempts.last())
+        .map(|a| a.number);
+    let job = match attempt {
+        Some(number) => {
+            let job_name = names::attempt_job(name, number);
+            match jobs.get_opt(&job_name).await.map_err(read("Job"))? {
+                Some(job) => {
+                    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+                    let selector = format!("{JOB_LABEL}={name},{ATTEMPT_LABEL}={number}");
+                    let pods = pods
+                        .list(&ListParams::default().labels(&selector))
+                        .await
+                        .map_err(read("trainer pods"))?;
+                    Some(observe::job(&job, &pods.items))
+                }
+                None => None,
+            }
+        }
+        None => None,
+    };
+
+    let plan = plan::plan(
+        ftj,
+        &Observed {
+            missing_claims,
+            job,
+        },
+        Timestamp::now(),
+    );
+
+    for action in &plan.actions {
+        execute(ftj, context, namespace, action).await?;
+    }
+
+    if ftj.status.as_ref() != Some(&plan.status) {
+        let ftjs: Api<FineTuneJob> = Api::namespaced(client.clone(), namespace);
+        let patch = serde_json::json!({ "status": plan.status });
+        ftjs.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|source| Error::WriteStatus {
+                object: object.clone(),
+                source,
+            })?;
+    }
+
+    let reference = ftj.object_ref(&());
+    for transition in &plan.transitions {
+        info!(reason = transition.reason, note = %transition.note, "transition");
+        let event = Event {
+            type_: if transition.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: transition.reason.into(),
+            note: Some(transition.note.clone()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        // An event that cannot be recorded must not fail the reconcile that acted.
+        if let Err(error) = context.recorder.publish(&event, &reference).await {
+            warn!(%error, "failed to record an event");
+        }
+    }
+
+    Ok(match plan.requeue_after {
+        Some(after) => Requeue::requeue(after.min(context.settings.resync)),
+        None => Requeue::requeue(context.settings.resync),
+    })
+}
+
+async fn execute(
+    ftj: &FineTuneJob,
+    context: &Context,
+    namespace: &str,
+    action: &Action,
+) -> Result<(), Error> {
+    let client = &context.client;
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    match action {
+        Action::EnsureAttempt { attempt, suspend } => {
+            let image = ftj
+                .spec
+                .image
+                .clone()
+                .unwrap_or_else(|| context.settings.trainer_image.clone());
+            let children = render::children(
+                ftj,
+                &AttemptContext {
+                    attempt: *attempt,
+                    image,
+                    suspend: *suspend,
+                },
+            )
+            .map_err(|source| Error::Render {
+                object: ObjectRef::from_obj(ftj),
+                source,
+            })?;
+
+            let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+            let name = children.config_map.name_any();
+            config_maps
+                .patch(&name, &apply, &Patch::Apply(&children.config_map))
+                .await
+                .map_err(|source| Error::Write {
+                    verb: "apply",
+                    what: "ConfigMap",
+                    name,
+                    source,
+                })?;
+            if let Some(service) = &children.service {
+                let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+                let name = service.name_any();
+                services
+                    .patch(&name, &apply, &Patch::Apply(service))
+                    .await
+                    .map_err(|source| Error::Write {
+                        verb: "apply",
+                        what: "Service",
+                        name,
+                        source,
+                    })?;
+            }
+            let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+            let name = children.job.name_any();
+            let params = PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PostParams::default()
+            };
+            match jobs.create(&params, &children.job).await {
+                Ok(_) => info!(job = %name, "created the trainer Job"),
+                Err(kube::Error::Api(status)) if status.code == 409 => {}
+                Err(source) => {
+                    return Err(Error::Write {
+                        verb: "create",
+                        what: "Job",
+                        name,
+                        source,
+                    });
+                }
+            }
+        }
+        Action::SetSuspend { job, suspend } => {
+            let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+            let patch = serde_json::json!({ "spec": { "suspend": suspend } });
+            jobs.patch(job, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(|source| Error::Write {
+                    verb: "patch",
+                    what: "Job",
+                    name: job.clone(),
+                    source,
+                })?;
+        }
+        Action::DeleteJob { job } => {
+            let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
+            // Background: the Job goes now, its pods get their grace period to checkpoint.
+            let params = DeleteParams {
+                propagation_policy: Some(PropagationPolicy::Background),
+                ..DeleteParams::default()
+            };
+            match jobs.delete(job, &params).await {
+                Ok(_) => info!(job = %job, "deleted the trainer Job"),
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(source) => {
+                    return Err(Error::Write {
+                        verb: "delete",
+                        what: "Job",
+                        name: job.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}

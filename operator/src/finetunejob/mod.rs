@@ -1,0 +1,10 @@
+//! The FineTuneJob controller: from a FineTuneJob to trainer pods and back to status.
+//!
+//! The pipeline, one step per module: `observe` turns the Job and pods into plain facts,
+//! `plan` decides the next status and actions (pure), `render` builds the desired
+//! children (pure).
+
+pub mod controller;
+pub mod observe;
+pub mod plan;
+pub mod render;

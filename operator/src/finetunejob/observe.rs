@@ -1,0 +1,302 @@
+//! What the reconciler saw of a FineTuneJob's trainer Job and pods, as plain data.
+//!
+//! The Kubernetes objects are translated once, here, into the few facts the planner
+//! decides on: whether the attempt is active, complete or failed; which pods run where
+//! and since when; and, for a failed pod, why, in the failure classes of the
+//! trainer's exit-code contract.
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+use kubetune_crds::training::contract;
+
+/// Where the attempt's Job is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// Pods are pending or running.
+    Active,
+    /// Every index succeeded.
+    Complete,
+    /// The Job failed (one pod failure is enough: its backoffLimit is 0).
+    Failed,
+}
+
+/// The current attempt's Job.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservedJob {
+    /// The Job's name.
+    pub name: String,
+    /// Whether the Job is suspended.
+    pub suspended: bool,
+    /// Where it is.
+    pub outcome: JobOutcome,
+    /// Its pods.
+    pub pods: Vec<ObservedPod>,
+}
+
+/// Why a trainer pod failed, in the classes the operator acts on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureClass {
+    /// The trainer exited with the invalid-input code: retrying cannot help.
+    InvalidInput,
+    /// Killed for exceeding its memory limit.
+    OutOfMemory,
+    /// Evicted by the kubelet (node pressure) or the eviction API.
+    Evicted,
+    /// Preempted by a higher-priority pod.
+    Preempted,
+    /// Its node went away.
+    NodeLost,
+    /// Any other non-zero exit: retryable by the contract.
+    Error,
+}
+
+impl FailureClass {
+    /// The reason recorded in status and events.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::InvalidInput => "InvalidInput",
+            Self::OutOfMemory => "OutOfMemory",
+            Self::Evicted => "Evicted",
+            Self::Preempted => "Preempted",
+            Self::NodeLost => "NodeLost",
+            Self::Error => "TrainerError",
+        }
+    }
+
+    /// Whether a restart from the checkpoint can help.
+    pub fn is_retryable(self) -> bool {
+        !matches!(self, Self::InvalidInput)
+    }
+}
+
+/// A failed trainer pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// Its class.
+    pub class: FailureClass,
+    /// The trainer's termination message, or what Kubernetes said.
+    pub message: String,
+}
+
+/// One trainer pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservedPod {
+    /// The pod's name.
+    pub name: String,
+    /// The node it is bound to.
+    pub node: Option<String>,
+    /// When its trainer container started running, if it did.
+    pub running_since: Option<Timestamp>,
+    /// Whether it runs now.
+    pub running: bool,
+    /// Why it failed, if it did.
+    pub failure: Option<Failure>,
+    /// Why it waits, if the scheduler or the kubelet says (Unschedulable, ImagePullFailed).
+    pub waiting: Option<(&'static str, String)>,
+}
+
+/// The facts of a Job that matter to the planner.
+pub fn job(job: &Job, pods: &[Pod]) -> ObservedJob {
+    let status = job.status.as_ref();
+    let has = |type_: &str| {
+        status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == type_ && c.status == "True"))
+    };
+    let outcome = if has("Complete") {
+        JobOutcome::Complete
+    } else if has("Failed") {
+        JobOutcome::Failed
+    } else {
+        JobOutcome::Active
+    };
+    ObservedJob {
+        name: job.metadata.name.clone().unwrap_or_default(),
+        suspended: job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false),
+        outcome,
+        pods: pods.iter().map(pod).collect(),
+    }
+}
+
+/// The facts of one trainer pod.
+pub fn pod(pod: &Pod) -> ObservedPod {
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+    let trainer = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == "trainer"));
+    let state = trainer.and_then(|c| c.state.as_ref());
+    let running_since = state
+        .and_then(|s| s.running.as_ref())
+        .and_then(|r| r.started_at.as_ref())
+        .or_else(|| {
+            state
+                .and_then(|s| s.terminated.as_ref())
+                .and_then(|t| t.started_at.as_ref())
+        })
+        .map(|t| t.0);
+
+    let disruption = status.and_then(|s| s.conditions.as_ref()).and_then(|cs| {
+        cs.iter()
+            .find(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+    });
+
+    let failure = (phase == "Failed").then(|| {
+        let terminated = state.and_then(|s| s.terminated.as_ref());
+        let message = terminated
+            .and_then(|t| t.message.clone())
+            .filter(|m| !m.trim().is_empty())
+            .or_else(|| status.and_then(|s| s.message.clone()))
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let class = if let Some(condition) = disruption {
+            match condition.reason.as_deref() {
+                Some("PreemptionByScheduler") => FailureClass::Preempted,
+                Some("DeletionByPodGC" | "DeletionByTaintManager") => FailureClass::NodeLost,
+                _ => FailureClass::Evicted,
+            }
+        } else if status.and_then(|s| s.reason.as_deref()) == Some("Evicted") {
+            FailureClass::Evicted
+        } else if terminated.and_then(|t| t.reason.as_deref()) == Some("OOMKilled") {
+            FailureClass::OutOfMemory
+        } else if terminated.map(|t| t.exit_code) == Some(contract::EXIT_INVALID_INPUT) {
+            FailureClass::InvalidInput
+        } else {
+            FailureClass::Error
+        };
+        Failure { class, message }
+    });
+
+    let waiting = if phase == "Pending" {
+        let unschedulable = status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| {
+                cs.iter().find(|c| {
+                    c.type_ == "PodScheduled"
+                        && c.status == "False"
+                        && c.reason.as_deref() == Some("Unschedulable")
+                })
+            })
+            .map(|c| ("Unschedulable", c.message.clone().unwrap_or_default()));
+        let pull = state
+            .and_then(|s| s.waiting.as_ref())
+            .filter(|w| {
+                matches!(
+                    w.reason.as_deref(),
+                    Some("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName")
+                )
+            })
+            .map(|w| ("ImagePullFailed", w.message.clone().unwrap_or_default()));
+        unschedulable.or(pull)
+    } else {
+        None
+    };
+
+    ObservedPod {
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        running_since,
+        running: phase == "Running",
+        failure,
+        waiting,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod_from(value: serde_json::Value) -> Pod {
+        serde_json::from_value(value).expect("a valid pod")
+    }
+
+    fn terminated(exit_code: i32, reason: &str, message: &str) -> Pod {
+        pod_from(json!({
+            "metadata": {"name": "t-0"},
+            "spec": {"nodeName": "gpu-1", "containers": [{"name": "trainer"}]},
+            "status": {
+                "phase": "Failed",
+                "containerStatuses": [{
+                    "name": "trainer", "image": "i", "imageID": "", "ready": false,
+                    "restartCount": 0,
+                    "state": {"terminated": {
+                        "exitCode": exit_code, "reason": reason, "message": message,
+                        "startedAt": "2026-11-29T10:00:00Z", "finishedAt": "2026-11-29T10:05:00Z"
+                    }}
+                }]
+            }
+        }))
+    }
+
+    #[test]
+    fn exit_code_two_is_invalid_input_with_the_trainers_message() {
+        let observed = pod(&terminated(
+            2,
+            "Error",
+            "train.jsonl:17: expected \"messages\"\n",
+        ));
+        let failure = observed.failure.expect("failed");
+        assert_eq!(failure.class, FailureClass::InvalidInput);
+        assert!(!failure.class.is_retryable());
+        assert_eq!(failure.message, "train.jsonl:17: expected \"messages\"");
+        assert_eq!(observed.node.as_deref(), Some("gpu-1"));
+        assert!(observed.running_since.is_some());
+    }
+
+    #[test]
+    fn other_exit_codes_and_oom_are_retryable() {
+        let crash = pod(&terminated(1, "Error", "")).failure.expect("failed");
+        assert_eq!(crash.class, FailureClass::Error);
+        assert!(crash.class.is_retryable());
+        let oom = pod(&terminated(137, "OOMKilled", ""))
+            .failure
+            .expect("failed");
+        assert_eq!(oom.class, FailureClass::OutOfMemory);
+    }
+
+    #[test]
+    fn preemption_and_node_loss_are_read_from_the_disruption_condition() {
+        for (reason, class) in [
+            ("PreemptionByScheduler", FailureClass::Preempted),
+            ("DeletionByPodGC", FailureClass::NodeLost),
+            ("TerminationByKubelet", FailureClass::Evicted),
+        ] {
+            let mut p = terminated(143, "Error", "");
+            p.status
+                .as_mut()
+                .expect("status")
+                .conditions
+                .get_or_insert_with(Vec::new)
+                .push(
+                    serde_json::from_value(json!({
+                        "type": "DisruptionTarget", "status": "True", "reason": reason
+                    }))
+                    .expect("condition"),
+                );
+            assert_eq!(pod(&p).failure.expect("failed").class, class, "{reason}");
+        }
+    }
+
+    #[test]
+    fn an_unschedulable_pod_says_why() {
+        let p = pod_from(json!({
+            "metadata": {"name": "t-0"},
+            "status": {"phase": "Pending", "conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/20 nodes are available: 20 Insufficient nvidia.com/gpu."
+            }]}
+        }));
+        let observed = pod(&p);
+        assert_eq!(
+            observed.waiting,
+            Some((
+                "Unschedulable",
+                "0/20 nodes are available: 20 Insufficient nvidia.com/gpu.".into()
+            ))
+        );
+        assert!(observed.failure.is_none());
+    }
+}

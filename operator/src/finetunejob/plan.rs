@@ -1,0 +1,758 @@
+//! The FineTuneJob lifecycle as a pure function: from the job, its status and what was
+//! observed of its children, to the next status and the actions that bring the cluster
+//! there.
+//!
+//! Level-triggered: nothing here depends on why the reconcile ran. Everything that must
+//! survive an operator restart (attempt history, restarts, times) is in the status it
+//! returns, so the next reconcile, in this process or another, continues where this one
+//! stopped.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kubetune_crds::finetunejob::{Attempt, FineTuneJob, FineTuneJobStatus, Phase};
+
+use crate::conditions::{self, Desired};
+use crate::finetunejob::observe::{Failure, FailureClass, JobOutcome, ObservedJob};
+
+/// What the reconciler saw, beyond the FineTuneJob itself.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// PersistentVolumeClaims the job names that do not exist.
+    pub missing_claims: Vec<String>,
+    /// The current attempt's Job, if it exists.
+    pub job: Option<ObservedJob>,
+}
+
+/// A change the reconciler makes to the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Apply the ConfigMap (and Service) and create the attempt's Job if it is missing.
+    EnsureAttempt {
+        /// The attempt number.
+        attempt: u32,
+        /// Whether its Job is created suspended.
+        suspend: bool,
+    },
+    /// Set `spec.suspend` of the current Job.
+    SetSuspend {
+        /// The Job.
+        job: String,
+        /// The value.
+        suspend: bool,
+    },
+    /// Delete a Job and its pods (foreground), giving the trainer its grace period.
+    DeleteJob {
+        /// The Job.
+        job: String,
+    },
+}
+
+/// A transition worth an event: reasons come from a bounded set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// PascalCase reason.
+    pub reason: &'static str,
+    /// What happened, for `kubectl describe`.
+    pub note: String,
+    /// Whether it is a warning.
+    pub warning: bool,
+}
+
+/// The planner's answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The status to write.
+    pub status: FineTuneJobStatus,
+    /// Changes to make, in order.
+    pub actions: Vec<Action>,
+    /// Transitions to record as events.
+    pub transitions: Vec<Transition>,
+    /// When to look again even if nothing changes (backoff, timeouts, TTL).
+    pub requeue_after: Option<Duration>,
+}
+
+/// Delay before attempt `restarts + 1`: 10 s doubling per restart, at most 5 minutes.
+pub fn backoff(restarts: u32) -> Duration {
+    let seconds = 10u64.saturating_mul(1u64 << restarts.saturating_sub(1).min(10));
+    Duration::from_secs(seconds.min(300))
+}
+
+fn since(then: Timestamp, now: Timestamp) -> Duration {
+    let elapsed: SignedDuration = now.duration_since(then);
+    // A clock that went backwards counts as no time at all.
+    Duration::try_from(elapsed).unwrap_or(Duration::ZERO)
+}
+
+fn plus(then: Timestamp, duration: Duration) -> Timestamp {
+    SignedDuration::try_from(duration)
+        .ok()
+        .and_then(|d| then.checked_add(d).ok())
+        .unwrap_or(then)
+}
+
+struct Planner<'a> {
+    ftj: &'a FineTuneJob,
+    now: Timestamp,
+    status: FineTuneJobStatus,
+    actions: Vec<Action>,
+    transitions: Vec<Transition>,
+    requeue_after: Option<Duration>,
+}
+
+impl Planner<'_> {
+    fn condition(
+        &mut self,
+        type_: &'static str,
+        status: bool,
+        reason: &'static str,
+        message: String,
+    ) {
+        conditions::set(
+            &mut self.status.conditions,
+            Desired {
+                type_,
+                status,
+                reason,
+                message,
+            },
+            self.ftj.metadata.generation,
+            self.now,
+        );
+    }
+
+    fn event(&mut self, reason: &'static str, note: String, warning: bool) {
+        self.transitions.push(Transition {
+            reason,
+            note,
+            warning,
+        });
+    }
+
+    fn requeue(&mut self, after: Duration) {
+        self.requeue_after = Some(self.requeue_after.map_or(after, |d| d.min(after)));
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        self.status.phase = phase;
+    }
+
+    fn start_attempt(&mut self, number: u32, resumed_from_step: u64) {
+        self.status.attempts.push(Attempt {
+            number,
+            start_time: Some(Time(self.now)),
+            resumed_from_step,
+            ..Attempt::default()
+        });
+        let suspend = self.ftj.spec.suspend;
+        self.actions.push(Action::EnsureAttempt {
+            attempt: number,
+            suspend,
+        });
+        self.set_phase(if suspend {
+            Phase::Suspended
+        } else {
+            Phase::Admitted
+        });
+        let note = if number == 1 {
+            "created the trainer Job for attempt 1".to_owned()
+        } else {
+            format!("started attempt {number} from the last checkpoint")
+        };
+        self.event(
+            if number == 1 { "Admitted" } else { "Restarted" },
+            note,
+            false,
+        );
+    }
+
+    fn end_attempt(&mut self, reason: &str, message: &str, nodes: Vec<String>) {
+        let now = self.now;
+        if let Some(attempt) = self.status.attempts.last_mut() {
+            attempt.end_time = Some(Time(now));
+            attempt.reason = Some(reason.to_owned());
+            attempt.message = (!message.is_empty()).then(|| message.to_owned());
+            if !nodes.is_empty() {
+                attempt.nodes = nodes;
+            }
+        }
+    }
+
+    fn finish(&mut self, phase: Phase, reason: &'static str, message: String) {
+        self.set_phase(phase);
+        self.status.completion_time = Some(Time(self.now));
+        let succeeded = phase == Phase::Succeeded;
+        self.condition("Succeeded", succeeded, reason, message.clone());
+        self.condition("Failed", !succeeded, reason, message.clone());
+        self.condition("Running", false, reason, message.clone());
+        self.event(reason, message, !succeeded);
+    }
+
+    /// A retryable end of the current attempt: restart, or fail when out of restarts.
+    fn retry_or_fail(
+        &mut self,
+        job: &str,
+        reason: &'static str,
+        message: String,
+        nodes: Vec<String>,
+    ) {
+        self.end_attempt(reason, &message, nodes);
+        self.actions.push(Action::DeleteJob {
+            job: job.to_owned(),
+        });
+        let max = self.ftj.spec.max_restarts;
+        if self.status.restarts >= max {
+            self.finish(
+                Phase::Failed,
+                "BackoffLimitExceeded",
+                format!("attempt failed ({reason}: {message}) and all {max} restarts are used"),
+            );
+            return;
+        }
+        self.status.restarts += 1;
+        self.set_phase(Phase::Pending);
+        let delay = backoff(self.status.restarts);
+        self.condition(
+            "Running",
+            false,
+            reason,
+            format!(
+                "restarting from the last checkpoint in {}s: {message}",
+                delay.as_secs()
+            ),
+        );
+        self.event(reason, message, true);
+        self.requeue(delay);
+    }
+}
+
+/// Plans the next step of `ftj` given what was observed at `now`.
+pub fn plan(ftj: &FineTuneJob, observed: &Observed, now: Timestamp) -> Plan {
+    let mut planner = Planner {
+        ftj,
+        now,
+        status: ftj.status.clone().unwrap_or_default(),
+        actions: Vec::new(),
+        transitions: Vec::new(),
+        requeue_after: None,
+    };
+    planner.status.observed_generation = ftj.metadata.generation;
+    step(&mut planner, observed);
+    Plan {
+        status: planner.status,
+        actions: planner.actions,
+        transitions: planner.transitions,
+        requeue_after: planner.requeue_after,
+    }
+}
+
+fn step(p: &mut Planner<'_>, observed: &Observed) {
+    let spec = &p.ftj.spec;
+
+    // A finished job keeps its status; its Job goes when the TTL says so, and it is
+    // never recreated.
+    if p.status.phase.is_terminal() {
+        if let (Some(ttl), Some(done)) =
+            (spec.ttl_seconds_after_finished, &p.status.completion_time)
+        {
+            let expiry = plus(done.0, Duration::from_secs(u64::from(ttl)));
+            if p.now >= expiry {
+                if let Some(job) = &observed.job {
+                    p.actions.push(Action::DeleteJob {
+                        job: job.name.clone(),
+                    });
+                }
+            } else {
+                p.requeue(since(p.now, expiry));
+            }
+        }
+        return;
+    }
+
+    if !observed.missing_claims.is_empty() {
+        let names = observed.missing_claims.join(", ");
+        p.condition(
+            "InputsReady",
+            false,
+            "ClaimMissing",
+            format!("waiting for PersistentVolumeClaim {names} in this namespace"),
+        );
+        p.set_phase(Phase::Pending);
+        // Claims are watched; this is a safety net.
+        p.requeue(Duration::from_secs(60));
+        return;
+    }
+    p.condition(
+        "InputsReady",
+        true,
+        "Found",
+        "every PersistentVolumeClaim exists".into(),
+    );
+
+    let Some(current) = p.status.attempts.last().cloned() else {
+        p.start_attempt(1, 0);
+        return;
+    };
+
+    let Some(job) = &observed.job else {
+        if let Some(ended) = &current.end_time {
+            // Between attempts: wait out the backoff, then start the next one.
+            if spec.suspend {
+                p.set_phase(Phase::Suspended);
+                p.condition(
+                    "Suspended",
+                    true,
+                    "Suspended",
+                    "spec.suspend is true".into(),
+                );
+                return;
+            }
+            let ready = plus(ended.0, backoff(p.status.restarts));
+            if p.now >= ready {
+                p.start_attempt(current.number + 1, 0);
+            } else {
+                p.requeue(since(p.now, ready));
+            }
+        } else {
+            // The attempt's Job is gone (deleted by hand, or not created yet): create it.
+            p.actions.push(Action::EnsureAttempt {
+                attempt: current.number,
+                suspend: spec.suspend,
+            });
+        }
+        return;
+    };
+
+    if job.suspended != spec.suspend && job.outcome == JobOutcome::Active {
+        p.actions.push(Action::SetSuspend {
+            job: job.name.clone(),
+            suspend: spec.suspend,
+        });
+    }
+    if spec.suspend && job.outcome == JobOutcome::Active {
+        if p.status.phase != Phase::Suspended {
+            p.event(
+                "Suspended",
+                "stopped the trainer pods; they resume from the checkpoint".into(),
+                false,
+            );
+        }
+        p.set_phase(Phase::Suspended);
+        p.condition(
+            "Suspended",
+            true,
+            "Suspended",
+            "spec.suspend is true".into(),
+        );
+        p.condition("Running", false, "Suspended", "spec.suspend is true".into());
+        return;
+    }
+    if p.status.phase == Phase::Suspended {
+        p.event(
+            "Resumed",
+            "resumed the trainer pods from the checkpoint".into(),
+            false,
+        );
+    }
+    p.condition(
+        "Suspended",
+        false,
+        "Resumed",
+        "spec.suspend is false".into(),
+    );
+
+    let nodes: Vec<String> = job.pods.iter().filter_map(|pod| pod.node.clone()).collect();
+    match job.outcome {
+        JobOutcome::Complete => {
+            p.end_attempt("Succeeded", "", nodes);
+            p.finish(Phase::Succeeded, "Succeeded", "the trainer finished".into());
+        }
+        JobOutcome::Failed => {
+            // A permanent failure on any rank decides; otherwise the first failure.
+            let failures: Vec<&Failure> = job
+                .pods
+                .iter()
+                .filter_map(|pod| pod.failure.as_ref())
+                .collect();
+            let failure = failures
+                .iter()
+                .find(|f| !f.class.is_retryable())
+                .or(failures.first())
+                .copied();
+            match failure {
+                Some(failure) if !failure.class.is_retryable() => {
+                    p.end_attempt(failure.class.reason(), &failure.message, nodes);
+                    p.finish(
+                        Phase::Failed,
+                        failure.class.reason(),
+                        failure.message.clone(),
+                    );
+                }
+                Some(failure) => {
+                    let reason = failure.class.reason();
+                    let message = if failure.message.is_empty() {
+                        "a trainer pod failed".to_owned()
+                    } else {
+                        failure.message.clone()
+                    };
+                    p.retry_or_fail(&job.name, reason, message, nodes);
+                }
+                None => {
+                    let reason = FailureClass::Error.reason();
+                    p.retry_or_fail(&job.name, reason, "the trainer Job failed".into(), nodes);
+                }
+            }
+        }
+        JobOutcome::Active => active(p, job, &current, nodes),
+    }
+}
+
+fn active(p: &mut Planner<'_>, job: &ObservedJob, current: &Attempt, nodes: Vec<String>) {
+    let spec = &p.ftj.spec;
+    let wanted = spec.resources.nodes as usize;
+    let running = job.pods.iter().filter(|pod| pod.running).count();
+
+    if running >= wanted {
+        if p.status.phase != Phase::Running {
+            p.event(
+                "Running",
+                format!("all {wanted} trainer pods are running"),
+                false,
+            );
+        }
+        p.set_phase(Phase::Running);
+        if p.status.start_time.is_none() {
+            let first = job.pods.iter().filter_map(|pod| pod.running_since).min();
+            p.status.start_time = Some(Time(first.unwrap_or(p.now)));
+        }
+        if let Some(attempt) = p.status.attempts.last_mut() {
+            attempt.nodes = nodes;
+        }
+        p.condition(
+            "Running",
+            true,
+            "TrainerRunning",
+            format!("{running} of {wanted} trainer pods running"),
+        );
+        return;
+    }
+
+    p.set_phase(Phase::Admitted);
+    let waiting = job.pods.iter().find_map(|pod| pod.waiting.clone());
+    let (reason, message) = match &waiting {
+        Some((reason, message)) => (
+            *reason,
+            format!("{running} of {wanted} pods running; {message}"),
+        ),
+        None => ("Pending", format!("{running} of {wanted} pods running")),
+    };
+    p.condition("Running", false, reason, message);
+
+    // All or nothing: a gang that is not whole within the timeout releases its GPUs.
+    if wanted > 1 {
+        let timeout = Duration::from_secs(u64::from(spec.scheduling.gang_timeout_seconds));
+        let started = current.start_time.as_ref().map_or(p.now, |t| t.0);
+        let waited = since(started, p.now);
+        if waited >= timeout {
+            let message = format!(
+                "only {running} of {wanted} pods were running after {}s; released the gang's GPUs",
+                timeout.as_secs()
+            );
+            p.retry_or_fail(&job.name, "GangTimeout", message, nodes);
+        } else {
+            p.requeue(timeout - waited);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::finetunejob::observe::ObservedPod;
+    use crate::test_support::finetunejob_from_example;
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).expect("valid timestamp")
+    }
+
+    fn pod(index: usize, running: bool, failure: Option<Failure>) -> ObservedPod {
+        ObservedPod {
+            name: format!("p-{index}"),
+            node: Some(format!("node-{index}")),
+            running_since: running.then(|| at(5)),
+            running,
+            failure,
+            waiting: None,
+        }
+    }
+
+    fn job(outcome: JobOutcome, pods: Vec<ObservedPod>) -> Observed {
+        Observed {
+            missing_claims: Vec::new(),
+            job: Some(ObservedJob {
+                name: "support-lora-a1".into(),
+                suspended: false,
+                outcome,
+                pods,
+            }),
+        }
+    }
+
+    fn with_status(mut ftj: FineTuneJob, plan: &Plan) -> FineTuneJob {
+        ftj.status = Some(plan.status.clone());
+        ftj
+    }
+
+    #[test]
+    fn a_new_job_starts_attempt_one() {
+        let ftj = finetunejob_from_example("lora-a100.yaml");
+        let plan = plan(&ftj, &Observed::default(), at(0));
+        assert_eq!(
+            plan.actions,
+            vec![Action::EnsureAttempt {
+                attempt: 1,
+                suspend: false
+            }]
+        );
+        assert_eq!(plan.status.phase, Phase::Admitted);
+        assert_eq!(plan.status.attempts.len(), 1);
+        assert_eq!(plan.status.observed_generation, Some(1));
+    }
+
+    #[test]
+    fn planning_twice_on_the_same_state_starts_no_second_attempt() {
+        let ftj = finetunejob_from_example("lora-a100.yaml");
+        let first = plan(&ftj, &Observed::default(), at(0));
+        let ftj = with_status(ftj, &first);
+        // The Job is not in the cache yet: ensure the same attempt, don't start another.
+        let second = plan(&ftj, &Observed::default(), at(1));
+        assert_eq!(
+            second.actions,
+            vec![Action::EnsureAttempt {
+                attempt: 1,
+                suspend: false
+            }]
+        );
+        assert_eq!(second.status.attempts.len(), 1);
+    }
+
+    #[test]
+    fn a_missing_claim_is_named_and_nothing_is_created() {
+        let ftj = finetunejob_from_example("lora-a100.yaml");
+        let observed = Observed {
+            missing_claims: vec!["datasets".into()],
+            job: None,
+        };
+        let plan = plan(&ftj, &observed, at(0));
+        assert!(plan.actions.is_empty());
+        let condition = conditions::get(&plan.status.conditions, "InputsReady").expect("condition");
+        assert_eq!(condition.status, "False");
+        assert!(condition.message.contains("datasets"));
+        assert_eq!(plan.status.phase, Phase::Pending);
+    }
+
+    #[test]
+    fn running_pods_make_the_job_running_with_its_start_time() {
+        let ftj = finetunejob_from_example("lora-a100.yaml");
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        let plan = plan(
+            &ftj,
+            &job(JobOutcome::Active, vec![pod(0, true, None)]),
+            at(10),
+        );
+        assert_eq!(plan.status.phase, Phase::Running);
+        assert_eq!(plan.status.start_time, Some(Time(at(5))));
+        assert_eq!(plan.status.attempts[0].nodes, vec!["node-0".to_owned()]);
+        assert!(conditions::is_true(&plan.status.conditions, "Running"));
+    }
+
+    #[test]
+    fn a_retryable_failure_restarts_after_backoff_as_attempt_two() {
+        let ftj = finetunejob_from_example("lora-a100.yaml");
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        let crashed = Failure {
+            class: FailureClass::Preempted,
+            message: "preempted".into(),
+        };
+        let failed = plan(
+            &ftj,
+            &job(JobOutcome::Failed, vec![pod(0, false, Some(crashed))]),
+            at(60),
+        );
+        assert_eq!(
+            failed.actions,
+            vec![Action::DeleteJob {
+                job: "support-lora-a1".into()
+            }]
+        );
+        assert_eq!(failed.status.restarts, 1);
+        assert_eq!(
+            failed.status.attempts[0].reason.as_deref(),
+            Some("Preempted")
+        );
+        assert_eq!(failed.requeue_after, Some(Duration::from_secs(10)));
+
+        let ftj = with_status(ftj, &failed);
+        let waiting = plan(&ftj, &Observed::default(), at(65));
+        assert!(waiting.actions.is_empty(), "still in backoff");
+        let restarted = plan(&ftj, &Observed::default(), at(70));
+        assert_eq!(
+            restarted.actions,
+            vec![Action::EnsureAttempt {
+                attempt: 2,
+                suspend: false
+            }]
+        );
+        assert_eq!(restarted.status.attempts.len(), 2);
+    }
+
+    #[test]
+    fn a_permanent_failure_fails_at_once_with_the_trainers_message() {
+        let ftj = finetunejob_from_example("lora-a100.yaml");
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        let invalid = Failure {
+            class: FailureClass::InvalidInput,
+            message: "/data/support/train.jsonl:17: missing \"messages\"".into(),
+        };
+        let plan = plan(
+            &ftj,
+            &job(JobOutcome::Failed, vec![pod(0, false, Some(invalid))]),
+            at(30),
+        );
+        assert_eq!(plan.status.phase, Phase::Failed);
+        assert_eq!(plan.status.restarts, 0);
+        let failed = conditions::get(&plan.status.conditions, "Failed").expect("Failed condition");
+        assert_eq!(failed.reason, "InvalidInput");
+        assert!(failed.message.contains("train.jsonl:17"));
+        assert!(
+            plan.actions.is_empty(),
+            "the failed Job is kept for its logs"
+        );
+    }
+
+    #[test]
+    fn restarts_stop_at_max_restarts() {
+        let mut ftj = finetunejob_from_example("lora-a100.yaml");
+        ftj.spec.max_restarts = 0;
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        let crash = Failure {
+            class: FailureClass::Error,
+            message: "segfault".into(),
+        };
+        let plan = plan(
+            &ftj,
+            &job(JobOutcome::Failed, vec![pod(0, false, Some(crash))]),
+            at(30),
+        );
+        assert_eq!(plan.status.phase, Phase::Failed);
+        let failed = conditions::get(&plan.status.conditions, "Failed").expect("Failed condition");
+        assert_eq!(failed.reason, "BackoffLimitExceeded");
+    }
+
+    #[test]
+    fn a_gang_that_cannot_be_placed_is_torn_down_after_the_timeout() {
+        let ftj = finetunejob_from_example("full-16-nodes.yaml");
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        let half: Vec<ObservedPod> = (0..16).map(|i| pod(i, i < 8, None)).collect();
+        let early = plan(&ftj, &job(JobOutcome::Active, half.clone()), at(100));
+        assert!(early.actions.is_empty());
+        assert_eq!(early.requeue_after, Some(Duration::from_secs(800)));
+        assert_eq!(early.status.phase, Phase::Admitted);
+
+        let late = plan(&ftj, &job(JobOutcome::Active, half), at(900));
+        assert_eq!(
+            late.actions,
+            vec![Action::DeleteJob {
+                job: "support-lora-a1".into()
+            }]
+        );
+        assert_eq!(
+            late.status.attempts[0].reason.as_deref(),
+            Some("GangTimeout")
+        );
+        assert_eq!(late.status.phase, Phase::Pending);
+    }
+
+    #[test]
+    fn suspending_a_running_job_suspends_its_job_and_resuming_undoes_it() {
+        let ftj = finetunejob_from_example("lora-a100.yaml");
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        let mut suspended = ftj.clone();
+        suspended.spec.suspend = true;
+        let plan_suspend = plan(
+            &suspended,
+            &job(JobOutcome::Active, vec![pod(0, true, None)]),
+            at(10),
+        );
+        assert_eq!(
+            plan_suspend.actions,
+            vec![Action::SetSuspend {
+                job: "support-lora-a1".into(),
+                suspend: true
+            }]
+        );
+        assert_eq!(plan_suspend.status.phase, Phase::Suspended);
+
+        let resumed = with_status(ftj, &plan_suspend);
+        let mut observed = job(JobOutcome::Active, vec![]);
+        if let Some(j) = observed.job.as_mut() {
+            j.suspended = true;
+        }
+        let plan_resume = plan(&resumed, &observed, at(20));
+        assert_eq!(
+            plan_resume.actions,
+            vec![Action::SetSuspend {
+                job: "support-lora-a1".into(),
+                suspend: false
+            }]
+        );
+        assert!(
+            plan_resume
+                .transitions
+                .iter()
+                .any(|t| t.reason == "Resumed")
+        );
+    }
+
+    #[test]
+    fn a_finished_job_is_never_restarted_and_its_job_goes_after_the_ttl() {
+        let mut ftj = finetunejob_from_example("lora-a100.yaml");
+        ftj.spec.ttl_seconds_after_finished = Some(100);
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        let done = plan(
+            &ftj,
+            &job(JobOutcome::Complete, vec![pod(0, false, None)]),
+            at(50),
+        );
+        assert_eq!(done.status.phase, Phase::Succeeded);
+        let ftj = with_status(ftj, &done);
+
+        let before = plan(&ftj, &job(JobOutcome::Complete, vec![]), at(60));
+        assert!(before.actions.is_empty());
+        assert_eq!(before.requeue_after, Some(Duration::from_secs(90)));
+        let after = plan(&ftj, &job(JobOutcome::Complete, vec![]), at(151));
+        assert_eq!(
+            after.actions,
+            vec![Action::DeleteJob {
+                job: "support-lora-a1".into()
+            }]
+        );
+        let gone = plan(&ftj, &Observed::default(), at(200));
+        assert!(
+            gone.actions.is_empty(),
+            "a terminal job's Job is never recreated"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let secs: Vec<u64> = (1..=7).map(|r| backoff(r).as_secs()).collect();
+        assert_eq!(secs, vec![10, 20, 40, 80, 160, 300, 300]);
+    }
+
+    #[test]
+    fn a_clock_that_goes_backwards_counts_no_time() {
+        assert_eq!(since(at(10), at(5)), Duration::ZERO);
+    }
+}

@@ -1,0 +1,13 @@
+//! The kubetune operator: controllers for `FineTuneJob` and `AdapterDeployment`.
+//!
+//! Pure decisions (what objects a job needs, which names they have) live in plain
+//! functions that take data and return data, and are unit-tested without a cluster; the
+//! reconcilers read state, call them and apply the result.
+
+pub mod conditions;
+pub mod error;
+pub mod finetunejob;
+pub mod names;
+
+#[cfg(test)]
+mod test_support;
