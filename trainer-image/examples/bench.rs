@@ -11,8 +11,11 @@
 //! temporary directory, then trains it in a child process (so peak RSS is the
 //! trainer's alone) with LoRA on q/k/v/o. With PyTorch it creates a throwaway virtual
 //! environment (or reuses `--venv`), installs torch, transformers and peft from PyPI,
-//! and runs the same steps with `LlamaForCausalLM` + `get_peft_model`. The last line of
-//! output is one JSON object with snake_case keys carrying units.
+//! and runs the same steps with `LlamaForCausalLM` + `get_peft_model`. It then checks
+//! parity: a tiny model trained here is evaluated by `eval` and by transformers + PEFT
+//! loading the written checkpoint and adapter (`PeftModel.from_pretrained`); the
+//! absolute differences of the two mean losses are reported. The last line of output
+//! is one JSON object with snake_case keys carrying units.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -40,17 +43,23 @@ struct Args {
     recompute: bool,
 }
 
+impl Default for Args {
+    fn default() -> Self {
+        Self {
+            steps: 12,
+            seq_len: 256,
+            batch_size: 4,
+            rank: 16,
+            pytorch: true,
+            venv: None,
+            worker: None,
+            recompute: false,
+        }
+    }
+}
+
 fn parse_args() -> Args {
-    let mut args = Args {
-        steps: 12,
-        seq_len: 256,
-        batch_size: 4,
-        rank: 16,
-        pytorch: true,
-        venv: None,
-        worker: None,
-        recompute: false,
-    };
+    let mut args = Args::default();
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -203,7 +212,103 @@ print(json.dumps({"tokens_per_s": tokens / elapsed,
     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 "#;
 
-fn pytorch(root: &Path, args: &Args, batches: &[Vec<Vec<u32>>]) -> (f64, f64) {
+const PARITY: &str = r#"
+import json, sys, torch
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from peft import PeftModel
+d = sys.argv[1]
+tok = PreTrainedTokenizerFast(tokenizer_file=f"{d}/model/tokenizer.json")
+eos = tok.convert_tokens_to_ids("<|im_end|>")
+model = AutoModelForCausalLM.from_pretrained(f"{d}/model", dtype=torch.float32)
+def loss(m):
+    total, count = 0.0, 0
+    for line in open(f"{d}/text.jsonl"):
+        ids = tok(json.loads(line)["text"])["input_ids"] + [eos]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(m(input_ids=x).logits[0, :-1].float(), -1)
+        total += -logp.gather(1, x[0, 1:, None]).sum().item()
+        count += len(ids) - 1
+    return total / count
+base = loss(model)
+tuned = loss(PeftModel.from_pretrained(model, f"{d}/out"))
+print(json.dumps({"base": base, "peft": tuned}))
+"#;
+
+/// Trains a tiny model, then compares `eval`'s losses with transformers + PEFT's on
+/// the written files: (base difference, adapter difference).
+fn peft_parity(root: &Path, python: &Path) -> (f64, f64) {
+    use kubetune_trainer::cli::{EvalArgs, FormatArg, run_eval};
+    let dir = root.join("parity");
+    TinyLlama::default()
+        .write(&dir.join("model"))
+        .expect("tiny model");
+    write_jsonl(
+        &dir.join("train.jsonl"),
+        &kubetune_trainer::test_support::memorisable_chats(8),
+    )
+    .expect("data");
+    let texts: Vec<serde_json::Value> = (0..6)
+        .map(|i| serde_json::json!({ "text": format!("sample {i} about the weather") }))
+        .collect();
+    write_jsonl(&dir.join("text.jsonl"), &texts).expect("data");
+    let mut opts = options(
+        &dir,
+        &Args {
+            steps: 30,
+            ..Args::default()
+        },
+    );
+    opts.format = DatasetFormat::Chat;
+    opts.learning_rate = 1e-2;
+    opts.batch_size = 4;
+    opts.max_seq_length = 128;
+    opts.lora.rank = 8;
+    opts.lora.targets = TargetModule::ALL.to_vec();
+    train(
+        &opts,
+        &kubetune_trainer::model::default_device().expect("device"),
+        &Control::default(),
+    )
+    .expect("tiny training");
+    let eval = |adapter: Option<PathBuf>| {
+        run_eval(&EvalArgs {
+            model: dir.join("model"),
+            adapter,
+            data: dir.join("text.jsonl"),
+            format: FormatArg::Text,
+            batch_size: 2,
+            max_seq_length: 128,
+        })
+        .expect("eval")
+        .loss
+    };
+    let (ours_base, ours_tuned) = (eval(None), eval(Some(dir.join("out"))));
+    let script = root.join("parity.py");
+    std::fs::write(&script, PARITY).expect("write script");
+    let output = Command::new(python)
+        .arg(&script)
+        .arg(&dir)
+        .output()
+        .expect("python runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let theirs = last_json(&String::from_utf8_lossy(&output.stdout));
+    let theirs_base = theirs["base"].as_f64().expect("base");
+    let theirs_tuned = theirs["peft"].as_f64().expect("peft");
+    eprintln!(
+        "parity: base {ours_base:.6} vs {theirs_base:.6}, adapter {ours_tuned:.6} vs {theirs_tuned:.6}"
+    );
+    (
+        (ours_base - theirs_base).abs(),
+        (ours_tuned - theirs_tuned).abs(),
+    )
+}
+
+fn venv_python(root: &Path, args: &Args) -> PathBuf {
     let venv = args.venv.clone().unwrap_or_else(|| root.join("venv"));
     let python = venv.join("bin").join("python");
     if !python.exists() {
@@ -226,6 +331,10 @@ fn pytorch(root: &Path, args: &Args, batches: &[Vec<Vec<u32>>]) -> (f64, f64) {
             .success();
         assert!(ok, "pip install failed");
     }
+    python
+}
+
+fn pytorch(root: &Path, python: &Path, args: &Args, batches: &[Vec<Vec<u32>>]) -> (f64, f64) {
     let spec = model_spec();
     let input = serde_json::json!({
         "hidden": spec.hidden, "intermediate": spec.intermediate, "layers": spec.layers,
@@ -236,7 +345,7 @@ fn pytorch(root: &Path, args: &Args, batches: &[Vec<Vec<u32>>]) -> (f64, f64) {
     std::fs::write(&input_path, input.to_string()).expect("write input");
     let script = root.join("bench.py");
     std::fs::write(&script, PYTHON).expect("write script");
-    let (out, peak) = run_measured(Command::new(&python).arg(&script).arg(&input_path));
+    let (out, peak) = run_measured(Command::new(python).arg(&script).arg(&input_path));
     let report = last_json(&out);
     let tps = report["tokens_per_s"].as_f64().expect("tokens_per_s");
     (
@@ -330,12 +439,16 @@ fn main() {
             .collect();
         let batches: Vec<Vec<Vec<u32>>> =
             seqs.chunks(args.batch_size).map(|c| c.to_vec()).collect();
-        let (py_tps, py_peak) = pytorch(root, &args, &batches);
+        let python = venv_python(root, &args);
+        let (py_tps, py_peak) = pytorch(root, &python, &args, &batches);
         eprintln!("pytorch + peft: {py_tps:.0} tokens/s, peak RSS {py_peak:.0} MiB");
         report["pytorch_tokens_per_s"] = py_tps.into();
         report["pytorch_peak_rss_mib"] = py_peak.into();
         report["tokens_per_s_ratio"] = (rust_tps / py_tps).into();
         report["peak_rss_ratio"] = (rust_peak / py_peak).into();
+        let (base_diff, adapter_diff) = peft_parity(root, &python);
+        report["peft_parity_base_loss_abs_diff_nats"] = base_diff.into();
+        report["peft_parity_adapter_loss_abs_diff_nats"] = adapter_diff.into();
     }
     println!("{report}");
 }

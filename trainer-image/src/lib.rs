@@ -50,9 +50,23 @@
 //! # candle and autograd
 //! candle's fused softmax, RMSNorm and RoPE kernels have no backward and silently cut
 //! the graph, and its matmul computes weight gradients even for frozen weights; the
-//! decoder therefore uses its own differentiable compositions and a frozen-linear op
-//! ([`ops`]). Tests check that every adapter tensor gets a gradient that matches
-//! finite differences.
+//! decoder therefore uses its own differentiable compositions and custom ops with a
+//! backward ([`ops`]): a frozen linear layer (input gradient only), and on the CPU a
+//! fused causal softmax and a fused cross-entropy that keep one tensor for backward
+//! instead of a chain of intermediates. Tests check that every adapter tensor gets a
+//! gradient that matches finite differences, and that the fused ops match the
+//! compositions they replace.
+//!
+//! # Memory
+//! `--recompute` (or [`train::TrainOptions::recompute`]) keeps only each block's input
+//! during the forward pass and re-runs one block at a time in backward: gradients are
+//! identical (tested), activation memory drops to one block's worth, at the cost of
+//! about one more forward pass.
+//!
+//! # Compatibility
+//! The examples' `bench` trains a tiny model and checks that Hugging Face transformers
+//! with PEFT, loading the same checkpoint directory and the written adapter, computes
+//! the same eval loss as `kubetune-trainer eval` (base and adapted).
 
 pub mod adapter;
 pub mod checkpoint;

@@ -1,7 +1,7 @@
 //! `kubetune-trainer`: parses flags, sets up JSON logging, runs the library, and maps
 //! the outcome to the exit-code contract documented in the library's crate docs.
 
-use clap::Parser;
+use clap::Parser as _;
 use kubetune_trainer::cli::{Cli, Command, run_eval, run_train};
 use kubetune_trainer::{exit_code, write_termination_log};
 
@@ -14,7 +14,16 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            // A usage error is invalid input too (clap exits 2); `--help` is not.
+            if err.use_stderr() {
+                write_termination_log(&err.to_string());
+            }
+            err.exit()
+        }
+    };
     let code = match run(cli) {
         Ok(()) => 0,
         Err(err) => {

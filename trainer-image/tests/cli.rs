@@ -107,6 +107,14 @@ fn missing_files_unsupported_architectures_and_oversized_ranks_exit_2() {
 }
 
 #[test]
+fn an_unknown_flag_exits_2_with_the_usage_error_in_the_termination_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = trainer(dir.path(), &["train", "--config", "x.yaml", "--frobnicate"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(termination_log(dir.path()).contains("--frobnicate"));
+}
+
+#[test]
 fn training_from_a_mounted_config_writes_the_adapter_and_eval_prints_one_json_line() {
     let dir = setup();
     let out = dir.path().join("out");
