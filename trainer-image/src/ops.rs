@@ -8,7 +8,7 @@
 //! would compute and keep.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Shape, Tensor};
 
 use crate::error::Result;
 
@@ -96,7 +96,9 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 #[derive(Debug)]
 struct CrossEntropy;
 
-/// The gradient of [`CrossEntropy`] with respect to the logits (no backward itself).
+/// The gradient of [`CrossEntropy`] with respect to the logits, already multiplied by
+/// the upstream per-row gradient, so backward allocates one `[n, vocab]` tensor (no
+/// backward itself).
 #[derive(Debug)]
 struct CrossEntropyGrad;
 
@@ -161,12 +163,13 @@ impl CustomOp2 for CrossEntropy {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dlogits = logits.apply_op2_no_bwd(targets, &CrossEntropyGrad)?;
-        Ok((Some(dlogits.broadcast_mul(&grad.unsqueeze(1)?)?), None))
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let dlogits = logits.apply_op3_no_bwd(targets, &grad, &CrossEntropyGrad)?;
+        Ok((Some(dlogits), None))
     }
 }
 
-impl CustomOp2 for CrossEntropyGrad {
+impl CustomOp3 for CrossEntropyGrad {
     fn name(&self) -> &'static str {
         "cross-entropy-grad"
     }
@@ -177,20 +180,29 @@ impl CustomOp2 for CrossEntropyGrad {
         ll: &Layout,
         ts: &CpuStorage,
         tl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
         let (logits, targets, vocab) = ce_inputs(ls, ll, ts, tl)?;
+        let Some((gstart, gend)) = gl.contiguous_offsets() else {
+            candle_core::bail!("cross-entropy gradient needs a contiguous upstream gradient");
+        };
+        let upstream = &gs.as_slice::<f32>()?[gstart..gend];
+        if upstream.len() != targets.len() {
+            candle_core::bail!("cross-entropy gradient: one upstream value per row expected");
+        }
         let mut out = vec![0f32; logits.len()];
         out.par_chunks_mut(vocab)
             .zip(logits.par_chunks(vocab))
-            .zip(targets.par_iter())
-            .for_each(|((o, row), &t)| {
+            .zip(targets.par_iter().zip(upstream.par_iter()))
+            .for_each(|((o, row), (&t, &g))| {
                 let (max, sum) = row_max_and_sum(row);
-                let inv = 1.0 / sum;
+                let scale = g / sum;
                 for (o, x) in o.iter_mut().zip(row) {
-                    *o = (x - max).exp() * inv;
+                    *o = (x - max).exp() * scale;
                 }
-                o[t as usize] -= 1.0;
+                o[t as usize] -= g;
             });
         Ok((CpuStorage::F32(out), ll.shape().clone()))
     }
@@ -345,12 +357,15 @@ mod tests {
             composed.to_scalar::<f32>().expect("b"),
         );
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-        let ga = fused
+        // A scaled loss makes the upstream gradient differ from one.
+        let ga = (fused * 1.5)
+            .expect("scale")
             .backward()
             .expect("bwd")
             .get(logits.as_tensor())
             .cloned();
-        let gb = composed
+        let gb = (composed * 1.5)
+            .expect("scale")
             .backward()
             .expect("bwd")
             .get(logits.as_tensor())
