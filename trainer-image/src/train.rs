@@ -11,7 +11,7 @@
 //! micro-batches (each micro-batch's summed loss is divided by the step's total target
 //! count, so gradients do not depend on how tokens fall into micro-batches).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -21,7 +21,7 @@ use kubetune_crds::training::{DatasetFormat, Scheduler};
 use serde::Serialize;
 
 use crate::adapter::{Artifact, save_adapter, write_atomic};
-use crate::checkpoint::{TrainerState, list_checkpoints, resume_latest, save_checkpoint};
+use crate::checkpoint::{TrainerState, resume_latest, save_checkpoint};
 use crate::data::{Batch, Example, epoch_order, load_dataset, make_batch, split_eval};
 use crate::error::{Error, Result};
 use crate::lora::{DropoutKey, LoraSettings};
@@ -532,9 +532,4 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
     write_atomic(&opts.output_dir.join("metrics.json"), &json)?;
     update(&control.progress, |p| p.phase = "done".into());
     Ok(summary)
-}
-
-/// Whether `dir` holds a checkpoint a run would resume from.
-pub fn has_checkpoint(dir: &Path) -> Result<bool> {
-    Ok(!list_checkpoints(dir)?.is_empty())
 }
