@@ -141,6 +141,11 @@ pub struct FineTuneJobSpec {
     #[serde(default)]
     pub scheduling: Scheduling,
 
+    /// Labels and annotations added to every trainer pod, for cost allocation, a
+    /// service mesh or monitoring. Optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_metadata: Option<PodMetadata>,
+
     /// Trainer image to use instead of the operator's default. Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
@@ -292,6 +297,23 @@ pub struct Budget {
 
 fn default_warn_percent() -> u32 {
     80
+}
+
+/// Extra metadata for the trainer pods. Keys under `kubetune.io/` are the operator's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodMetadata {
+    /// Labels added to every trainer pod. At most 32.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('kubetune.io/'))").message("podMetadata.labels must not use the reserved prefix kubetune.io/"))]
+    pub labels: BTreeMap<String, String>,
+
+    /// Annotations added to every trainer pod. At most 32.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('kubetune.io/'))").message("podMetadata.annotations must not use the reserved prefix kubetune.io/"))]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// Where and how the trainer pods are placed.

@@ -7,7 +7,9 @@
 pub mod conditions;
 pub mod error;
 pub mod finetunejob;
+pub mod metrics;
 pub mod names;
+pub mod server;
 
 #[cfg(test)]
 mod test_support;

@@ -6,7 +6,7 @@
 //! nothing twice.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
@@ -25,6 +25,7 @@ use crate::error::Error;
 use crate::finetunejob::observe;
 use crate::finetunejob::plan::{self, Action, Observed};
 use crate::finetunejob::render::{self, ATTEMPT_LABEL, AttemptContext, JOB_LABEL};
+use crate::metrics::Metrics;
 use crate::names;
 
 /// The field manager of everything the operator writes.
@@ -44,6 +45,7 @@ pub struct Context {
     client: Client,
     recorder: Recorder,
     settings: Settings,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Context {
@@ -55,7 +57,12 @@ impl std::fmt::Debug for Context {
 }
 
 /// Runs the controller until the stream ends (on shutdown).
-pub async fn run(client: Client, namespace: Option<String>, settings: Settings) {
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+) {
     let (jobs, ftjs, pods): (Api<Job>, Api<FineTuneJob>, Api<Pod>) = match &namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
@@ -78,6 +85,7 @@ pub async fn run(client: Client, namespace: Option<String>, settings: Settings) 
         ),
         client,
         settings,
+        metrics,
     });
     let trainer_pods = watcher::Config::default().labels(JOB_LABEL);
     Controller::new(ftjs, watcher::Config::default())
@@ -107,9 +115,13 @@ async fn reconcile(ftj: Arc<FineTuneJob>, context: Arc<Context>) -> Result<Reque
     let namespace = ftj.namespace().unwrap_or_default();
     let name = ftj.name_any();
     let span = info_span!("reconcile", namespace = %namespace, name = %name);
-    reconcile_inner(&ftj, &context, &namespace, &name)
+    let started = Instant::now();
+    let result = reconcile_inner(&ftj, &context, &namespace, &name)
         .instrument(span)
-        .await
+        .await;
+    let failure = result.as_ref().err().map(Error::category);
+    context.metrics.observe("finetunejob", started, failure);
+    result
 }
 
 async fn reconcile_inner(

@@ -206,9 +206,15 @@ fn attempt_job(
     let spec = &ftj.spec;
     let nodes = i32::try_from(spec.resources.nodes).unwrap_or(i32::MAX);
     let job_name = names::attempt_job(name, context.attempt);
+    let extra = spec.pod_metadata.clone().unwrap_or_default();
     let mut pod_labels = labels(name);
-    pod_labels.insert(ATTEMPT_LABEL.into(), context.attempt.to_string());
     let mut job_labels = pod_labels.clone();
+    // The user's labels go first so that ours win on a clash.
+    let mut user_labels = extra.labels;
+    user_labels.append(&mut pod_labels);
+    let mut pod_labels = user_labels;
+    pod_labels.insert(ATTEMPT_LABEL.into(), context.attempt.to_string());
+    job_labels.insert(ATTEMPT_LABEL.into(), context.attempt.to_string());
     if let Some(queue) = &spec.scheduling.queue_name {
         job_labels.insert(KUEUE_QUEUE_LABEL.into(), queue.clone());
     }
@@ -232,6 +238,7 @@ fn attempt_job(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
+                    annotations: (!extra.annotations.is_empty()).then_some(extra.annotations),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod_spec(ftj, name, namespace, &job_name, context)),
@@ -639,6 +646,35 @@ mod tests {
             assert_eq!(refs[0].kind, "FineTuneJob");
             assert_eq!(refs[0].controller, Some(true));
         }
+    }
+
+    #[test]
+    fn pod_metadata_reaches_the_pods_without_overriding_the_operators_labels() {
+        let mut ftj = finetunejob_from_example("lora-a100.yaml");
+        ftj.spec.pod_metadata = Some(kubetune_crds::finetunejob::PodMetadata {
+            labels: BTreeMap::from([
+                ("team".into(), "support".into()),
+                (JOB_LABEL.into(), "spoofed".into()),
+            ]),
+            annotations: BTreeMap::from([("sidecar.istio.io/inject".into(), "false".into())]),
+        });
+        let children = children(&ftj, &context(1)).expect("renders");
+        let template = &children.job.spec.as_ref().expect("spec").template;
+        let metadata = template.metadata.as_ref().expect("pod metadata");
+        let labels = metadata.labels.as_ref().expect("labels");
+        assert_eq!(labels.get("team").map(String::as_str), Some("support"));
+        assert_eq!(
+            labels.get(JOB_LABEL).map(String::as_str),
+            Some("support-lora")
+        );
+        assert_eq!(
+            metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("sidecar.istio.io/inject"))
+                .map(String::as_str),
+            Some("false")
+        );
     }
 
     #[test]
