@@ -311,6 +311,10 @@ fn up(root: &Path, options: &UpOptions) -> Result<()> {
         remove_state(&layout)?;
     }
 
+    // A fixed port that is taken fails before the (possibly long) build.
+    if let Some(port) = options.port {
+        ensure_free_for_apiserver(port)?;
+    }
     let bin_dir = build(root)?;
     for binary in [
         "etcd",
@@ -420,12 +424,7 @@ fn build(root: &Path) -> Result<PathBuf> {
 fn pick_ports(apiserver: Option<u16>) -> Result<Ports> {
     let apiserver = match apiserver {
         Some(port) => {
-            if !components::port_is_free(port) {
-                bail!(
-                    "port {port} on 127.0.0.1, asked for the API server (--port or \
-                     KUBETUNE_APISERVER_PORT), is in use: free it or pick another"
-                );
-            }
+            ensure_free_for_apiserver(port)?;
             port
         }
         None => components::free_port()?,
@@ -448,6 +447,16 @@ fn pick_ports(apiserver: Option<u16>) -> Result<Ports> {
         scheduler: next()?,
         kwok: next()?,
     })
+}
+
+fn ensure_free_for_apiserver(port: u16) -> Result<()> {
+    if !components::port_is_free(port) {
+        bail!(
+            "port {port} on 127.0.0.1, asked for the API server (--port or \
+             KUBETUNE_APISERVER_PORT), is in use: free it or pick another"
+        );
+    }
+    Ok(())
 }
 
 fn write_kubeconfigs(layout: &Layout, pki: &Pki, port: u16) -> Result<()> {
