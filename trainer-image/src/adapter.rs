@@ -30,7 +30,8 @@ pub struct AdapterConfig {
     pub task_type: String,
     /// Rank.
     pub r: usize,
-    /// Scaling numerator.
+    /// Scaling numerator (written as an integer when it is one, as PEFT writes it).
+    #[serde(serialize_with = "integer_if_whole")]
     pub lora_alpha: f64,
     /// Adapted module names, derived from the keys actually written.
     pub target_modules: Vec<String>,
@@ -62,6 +63,14 @@ pub struct AdapterConfig {
     /// No extra trained modules.
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+}
+
+fn integer_if_whole<S: serde::Serializer>(value: &f64, serializer: S) -> Result<S::Ok, S::Error> {
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        serializer.serialize_i64(*value as i64)
+    } else {
+        serializer.serialize_f64(*value)
+    }
 }
 
 /// Where an adapter was written and what it hashes to.

@@ -194,7 +194,7 @@ fn the_adapter_is_written_with_peft_key_names_shapes_config_and_hash() {
     assert_eq!(config["peft_type"], "LORA");
     assert_eq!(config["task_type"], "CAUSAL_LM");
     assert_eq!(config["r"], 4);
-    assert_eq!(config["lora_alpha"], 16.0);
+    assert_eq!(config["lora_alpha"], 16);
     assert_eq!(config["bias"], "none");
     assert_eq!(config["use_rslora"], false);
     assert_eq!(config["fan_in_fan_out"], false);
