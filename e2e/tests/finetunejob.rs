@@ -1,0 +1,473 @@
+//! The FineTuneJob controller against the real API server, scheduler and controller
+//! manager, with trainer pods on the simulated GPU nodes. Each test runs its own
+//! operator, watching only its own namespace, which enforces Pod Security
+//! "restricted": a trainer pod that broke it would never be created.
+//!
+//! Trainer outcomes are steered through `spec.podMetadata.annotations` with the
+//! `sim.kubetune.io/…` annotations of the cluster's kwok stages.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{
+    Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Service,
+};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kubetune_crds::finetunejob::{FineTuneJob, Phase, PodMetadata};
+use kubetune_e2e::cluster_or_skip;
+use kubetune_e2e::test_support::{Cluster, TestNamespace, wait_for, workspace_root};
+use kubetune_operator::finetunejob::controller::{self, Settings};
+use kubetune_operator::metrics::Metrics;
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+/// An operator for one namespace, stopped when dropped.
+struct Operator(tokio::task::JoinHandle<()>);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn start_operator(cluster: &Cluster, namespace: &TestNamespace) -> Operator {
+    let settings = Settings {
+        trainer_image: "kubetune/trainer:e2e".into(),
+        resync: Duration::from_secs(30),
+    };
+    let metrics = Arc::new(Metrics::register(&mut Default::default()));
+    Operator(tokio::spawn(controller::run(
+        cluster.client.clone(),
+        Some(namespace.name.clone()),
+        settings,
+        metrics,
+    )))
+}
+
+/// A namespace that enforces Pod Security "restricted", with the claims the examples use.
+async fn namespace(cluster: &Cluster, test: &str, claims: &[&str]) -> Result<TestNamespace> {
+    let namespace = cluster.namespace(test).await?;
+    let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
+    let labels = json!({ "metadata": { "labels": {
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest",
+    }}});
+    namespaces
+        .patch(
+            &namespace.name,
+            &PatchParams::default(),
+            &Patch::Merge(&labels),
+        )
+        .await
+        .context("failed to label the namespace restricted")?;
+    for claim in claims {
+        create_claim(cluster, &namespace, claim).await?;
+    }
+    Ok(namespace)
+}
+
+/// A claim, bound at once to a volume made for it: the scheduler only places pods whose
+/// claims are bound, and this cluster has no provisioner. The volumes are never mounted
+/// (the nodes are simulated); they stay behind, Released, until `cluster down`.
+async fn create_claim(cluster: &Cluster, namespace: &TestNamespace, name: &str) -> Result<()> {
+    let volume_name = format!("{}-{name}", namespace.name);
+    let volumes: Api<PersistentVolume> = Api::all(cluster.client.clone());
+    let volume: PersistentVolume = serde_json::from_value(json!({
+        "metadata": { "name": volume_name, "labels": { "kubetune.io/e2e": "true" } },
+        "spec": {
+            "capacity": { "storage": "1Gi" },
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "",
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": { "path": format!("/tmp/kubetune-e2e/{volume_name}") },
+            "claimRef": { "namespace": namespace.name, "name": name },
+        },
+    }))?;
+    volumes.create(&PostParams::default(), &volume).await?;
+    let claims: Api<PersistentVolumeClaim> = namespace.api();
+    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "",
+            "volumeName": volume_name,
+            "resources": { "requests": { "storage": "1Gi" } },
+        },
+    }))?;
+    claims.create(&PostParams::default(), &claim).await?;
+    Ok(())
+}
+
+/// `examples/<file>` in the test's namespace, with the trainer's simulated outcome.
+fn example(file: &str, outcome: &[(&str, &str)]) -> Result<FineTuneJob> {
+    let path = workspace_root().join("examples").join(file);
+    let text = std::fs::read_to_string(&path)?;
+    let mut ftj: FineTuneJob = serde_yaml::from_str(&text)?;
+    ftj.metadata.namespace = None;
+    ftj.spec.scheduling.queue_name = None;
+    ftj.spec.scheduling.priority_class_name = None;
+    ftj.spec.scheduling.node_selector.clear();
+    if !outcome.is_empty() {
+        ftj.spec.pod_metadata = Some(PodMetadata {
+            annotations: outcome
+                .iter()
+                .map(|(k, v)| (format!("sim.kubetune.io/{k}"), (*v).to_owned()))
+                .collect(),
+            ..PodMetadata::default()
+        });
+    }
+    Ok(ftj)
+}
+
+fn phase(ftj: &FineTuneJob) -> Phase {
+    ftj.status.as_ref().map(|s| s.phase).unwrap_or_default()
+}
+
+fn condition<'a>(
+    ftj: &'a FineTuneJob,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    ftj.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+async fn pods_of(namespace: &TestNamespace, job: &str) -> Result<Vec<Pod>> {
+    let pods: Api<Pod> = namespace.api();
+    Ok(pods
+        .list(&ListParams::default().labels(&format!("batch.kubernetes.io/job-name={job}")))
+        .await?
+        .items)
+}
+
+fn node_of(pod: &Pod) -> Option<String> {
+    pod.spec.as_ref().and_then(|s| s.node_name.clone())
+}
+
+#[tokio::test]
+async fn lora_job_runs_one_trainer_pod_on_an_a100_node_and_succeeds() -> Result<()> {
+    let cluster = cluster_or_skip!("lora_job_runs_one_trainer_pod_on_an_a100_node_and_succeeds");
+    let namespace = namespace(&cluster, "ftj-lora", &["models", "datasets", "adapters"]).await?;
+    let _operator = start_operator(&cluster, &namespace);
+    let ftjs: Api<FineTuneJob> = namespace.api();
+    let ftj = example("lora-a100.yaml", &[("run-for", "2s")])?;
+    ftjs.create(&PostParams::default(), &ftj).await?;
+
+    let done = wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
+        phase(f) == Phase::Succeeded
+    })
+    .await?;
+    let status = done.status.as_ref().context("status")?;
+    assert_eq!(status.attempts.len(), 1);
+    assert_eq!(status.restarts, 0);
+    assert!(status.start_time.is_some() && status.completion_time.is_some());
+    assert_eq!(status.observed_generation, done.metadata.generation);
+
+    let pods = pods_of(&namespace, "support-lora-a1").await?;
+    assert_eq!(pods.len(), 1, "one trainer pod");
+    let node = node_of(&pods[0]).context("the pod ran on a node")?;
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let node = nodes.get(&node).await?;
+    assert_eq!(
+        node.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("nvidia.com/gpu.product"))
+            .map(String::as_str),
+        Some("NVIDIA-A100-SXM4-80GB")
+    );
+    assert_eq!(
+        status.attempts[0].nodes,
+        vec![node.metadata.name.clone().unwrap_or_default()]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn full_job_on_16_nodes_runs_16_ranks_on_16_distinct_h100_nodes() -> Result<()> {
+    let cluster = cluster_or_skip!("full_job_on_16_nodes_runs_16_ranks_on_16_distinct_h100_nodes");
+    let namespace = namespace(&cluster, "ftj-full", &["models", "datasets", "checkpoints"]).await?;
+    let _operator = start_operator(&cluster, &namespace);
+    let ftjs: Api<FineTuneJob> = namespace.api();
+    let mut ftj = example("full-16-nodes.yaml", &[("run-for", "5s")])?;
+    ftj.spec.resources.cpu = None;
+    ftj.spec.resources.memory = None;
+    ftjs.create(&PostParams::default(), &ftj).await?;
+
+    let running = wait_for(&ftjs, "domain-full", TIMEOUT, |f| {
+        matches!(phase(f), Phase::Running | Phase::Succeeded)
+    })
+    .await?;
+    let pods = pods_of(&namespace, "domain-full-a1").await?;
+    assert_eq!(pods.len(), 16);
+    let nodes: BTreeSet<String> = pods.iter().filter_map(node_of).collect();
+    assert_eq!(nodes.len(), 16, "one rank per node: {nodes:?}");
+    let ranks: BTreeSet<String> = pods
+        .iter()
+        .filter_map(|p| {
+            p.metadata
+                .annotations
+                .as_ref()?
+                .get("batch.kubernetes.io/job-completion-index")
+                .cloned()
+        })
+        .collect();
+    assert_eq!(ranks.len(), 16, "ranks 0 to 15");
+    let services: Api<Service> = namespace.api();
+    let service = services.get("domain-full-ranks").await?;
+    assert_eq!(
+        service.spec.and_then(|s| s.cluster_ip).as_deref(),
+        Some("None")
+    );
+    assert_eq!(
+        running.status.as_ref().map(|s| s.attempts[0].nodes.len()),
+        Some(16),
+        "the attempt records its nodes"
+    );
+    wait_for(&ftjs, "domain-full", TIMEOUT, |f| {
+        phase(f) == Phase::Succeeded
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn trainer_exiting_with_invalid_input_fails_the_job_at_once_with_its_message() -> Result<()> {
+    let cluster = cluster_or_skip!(
+        "trainer_exiting_with_invalid_input_fails_the_job_at_once_with_its_message"
+    );
+    let namespace = namespace(&cluster, "ftj-invalid", &["models", "datasets", "adapters"]).await?;
+    let _operator = start_operator(&cluster, &namespace);
+    let ftjs: Api<FineTuneJob> = namespace.api();
+    let message = "/data/support/train.jsonl:3: expected a \"messages\" array";
+    let ftj = example(
+        "lora-a100.yaml",
+        &[
+            ("outcome", "fail"),
+            ("exit-code", "2"),
+            ("message", message),
+        ],
+    )?;
+    ftjs.create(&PostParams::default(), &ftj).await?;
+
+    let failed = wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
+        phase(f) == Phase::Failed
+    })
+    .await?;
+    let condition = condition(&failed, "Failed").context("Failed condition")?;
+    assert_eq!(condition.reason, "InvalidInput");
+    assert_eq!(condition.message, message);
+    let status = failed.status.as_ref().context("status")?;
+    assert_eq!((status.restarts, status.attempts.len()), (0, 1), "no retry");
+    Ok(())
+}
+
+#[tokio::test]
+async fn retryable_failure_restarts_as_attempt_two_until_restarts_run_out() -> Result<()> {
+    let cluster =
+        cluster_or_skip!("retryable_failure_restarts_as_attempt_two_until_restarts_run_out");
+    let namespace = namespace(&cluster, "ftj-retry", &["models", "datasets", "adapters"]).await?;
+    let _operator = start_operator(&cluster, &namespace);
+    let ftjs: Api<FineTuneJob> = namespace.api();
+    let mut ftj = example(
+        "lora-a100.yaml",
+        &[
+            ("outcome", "fail"),
+            ("exit-code", "1"),
+            ("message", "NCCL timeout"),
+        ],
+    )?;
+    ftj.spec.max_restarts = 1;
+    ftjs.create(&PostParams::default(), &ftj).await?;
+
+    let failed = wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
+        phase(f) == Phase::Failed
+    })
+    .await?;
+    let status = failed.status.as_ref().context("status")?;
+    assert_eq!(status.restarts, 1);
+    let attempts: Vec<(u32, Option<&str>)> = status
+        .attempts
+        .iter()
+        .map(|a| (a.number, a.reason.as_deref()))
+        .collect();
+    assert_eq!(
+        attempts,
+        vec![(1, Some("TrainerError")), (2, Some("TrainerError"))]
+    );
+    assert_eq!(
+        condition(&failed, "Failed").map(|c| c.reason.as_str()),
+        Some("BackoffLimitExceeded")
+    );
+    let jobs: Api<Job> = namespace.api();
+    assert!(
+        jobs.get_opt("support-lora-a1").await?.is_none(),
+        "attempt 1's Job was removed"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn missing_claim_is_named_and_the_job_starts_once_it_appears() -> Result<()> {
+    let cluster = cluster_or_skip!("missing_claim_is_named_and_the_job_starts_once_it_appears");
+    let namespace = namespace(&cluster, "ftj-claim", &["models", "adapters"]).await?;
+    let _operator = start_operator(&cluster, &namespace);
+    let ftjs: Api<FineTuneJob> = namespace.api();
+    ftjs.create(
+        &PostParams::default(),
+        &example("lora-a100.yaml", &[("outcome", "run")])?,
+    )
+    .await?;
+
+    let waiting = wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
+        condition(f, "InputsReady").is_some_and(|c| c.status == "False")
+    })
+    .await?;
+    assert!(condition(&waiting, "InputsReady").is_some_and(|c| c.message.contains("datasets")));
+    let jobs: Api<Job> = namespace.api();
+    assert!(
+        jobs.list(&ListParams::default()).await?.items.is_empty(),
+        "nothing created yet"
+    );
+
+    create_claim(&cluster, &namespace, "datasets").await?;
+    wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
+        phase(f) == Phase::Running
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn restarted_operator_creates_no_duplicate_job_and_keeps_the_status() -> Result<()> {
+    let cluster =
+        cluster_or_skip!("restarted_operator_creates_no_duplicate_job_and_keeps_the_status");
+    let namespace = namespace(&cluster, "ftj-restart", &["models", "datasets", "adapters"]).await?;
+    let operator = start_operator(&cluster, &namespace);
+    let ftjs: Api<FineTuneJob> = namespace.api();
+    ftjs.create(
+        &PostParams::default(),
+        &example("lora-a100.yaml", &[("outcome", "run")])?,
+    )
+    .await?;
+    let before = wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
+        phase(f) == Phase::Running
+    })
+    .await?;
+    drop(operator);
+
+    let _operator = start_operator(&cluster, &namespace);
+    // Let the new operator reconcile a few times (the watch's initial list, pod events).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = ftjs.get("support-lora").await?;
+    let jobs: Api<Job> = namespace.api();
+    let names: Vec<String> = jobs
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|j| j.metadata.name)
+        .collect();
+    assert_eq!(names, vec!["support-lora-a1".to_owned()]);
+    let (before, after) = (
+        before.status.context("status")?,
+        after.status.context("status")?,
+    );
+    assert_eq!(after.attempts, before.attempts);
+    assert_eq!(after.start_time, before.start_time);
+    assert_eq!(after.phase, Phase::Running);
+    Ok(())
+}
+
+#[tokio::test]
+async fn gang_that_cannot_be_placed_is_torn_down_after_the_timeout() -> Result<()> {
+    let cluster = cluster_or_skip!("gang_that_cannot_be_placed_is_torn_down_after_the_timeout");
+    let namespace = namespace(&cluster, "ftj-gang", &["models", "datasets", "checkpoints"]).await?;
+    let _operator = start_operator(&cluster, &namespace);
+    let ftjs: Api<FineTuneJob> = namespace.api();
+    let mut ftj = example("full-16-nodes.yaml", &[("outcome", "run")])?;
+    // 5 ranks, one per node, on the cluster's 4 A100 nodes: one rank never fits. (The
+    // H100 nodes are left to the 16-node test running next to this one.)
+    let gpu = ftj
+        .spec
+        .resources
+        .gpu
+        .as_mut()
+        .context("the example asks for GPUs")?;
+    gpu.product = "NVIDIA-A100-SXM4-80GB".into();
+    gpu.per_node = 1;
+    ftj.spec.resources.nodes = 5;
+    ftj.spec.resources.cpu = None;
+    ftj.spec.resources.memory = None;
+    ftj.spec.scheduling.gang_timeout_seconds = 30;
+    ftj.spec.max_restarts = 0;
+    ftjs.create(&PostParams::default(), &ftj).await?;
+
+    let failed = wait_for(&ftjs, "domain-full", TIMEOUT, |f| phase(f) == Phase::Failed).await?;
+    let status = failed.status.as_ref().context("status")?;
+    assert_eq!(status.attempts[0].reason.as_deref(), Some("GangTimeout"));
+    let jobs: Api<Job> = namespace.api();
+    wait_for_gone(&jobs, "domain-full-a1").await?;
+    // The Job's pods go with it (garbage collection): no GPU stays held.
+    let pods: Api<Pod> = namespace.api();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let left = pods.list(&ListParams::default()).await?.items;
+        if left.iter().all(|p| p.metadata.deletion_timestamp.is_some()) {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{} pods still held",
+            left.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn deleting_the_finetunejob_garbage_collects_its_children() -> Result<()> {
+    let cluster = cluster_or_skip!("deleting_the_finetunejob_garbage_collects_its_children");
+    let namespace = namespace(&cluster, "ftj-delete", &["models", "datasets", "adapters"]).await?;
+    let _operator = start_operator(&cluster, &namespace);
+    let ftjs: Api<FineTuneJob> = namespace.api();
+    ftjs.create(
+        &PostParams::default(),
+        &example("lora-a100.yaml", &[("outcome", "run")])?,
+    )
+    .await?;
+    wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
+        phase(f) == Phase::Running
+    })
+    .await?;
+
+    ftjs.delete("support-lora", &DeleteParams::default())
+        .await?;
+    let jobs: Api<Job> = namespace.api();
+    wait_for_gone(&jobs, "support-lora-a1").await?;
+    let config_maps: Api<k8s_openapi::api::core::v1::ConfigMap> = namespace.api();
+    wait_for_gone(&config_maps, "support-lora-trainer").await?;
+    Ok(())
+}
+
+async fn wait_for_gone<K>(api: &Api<K>, name: &str) -> Result<()>
+where
+    K: Clone + std::fmt::Debug + serde::de::DeserializeOwned + kube::Resource,
+{
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while api.get_opt(name).await?.is_some() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{name} is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
