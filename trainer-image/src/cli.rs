@@ -169,7 +169,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub recompute: bool,
     /// Where progress is served over HTTP.
-    #[arg(long, env = "KUBETUNE_PROGRESS_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = kubetune_crds::training::contract::ENV_PROGRESS_ADDR, default_value = "0.0.0.0:8080")]
     pub progress_addr: String,
 }
 

@@ -91,9 +91,11 @@ pub mod tokenizer;
 pub mod train;
 
 pub use error::{Error, Result};
+use kubetune_crds::training::contract;
 
-/// Exit code for invalid input.
-pub const EXIT_INVALID_INPUT: i32 = 2;
+/// Exit code for invalid input: the operator fails the job at once (the contract in
+/// `kubetune_crds::training::contract`).
+pub const EXIT_INVALID_INPUT: i32 = contract::EXIT_INVALID_INPUT;
 /// Exit code after a SIGTERM-triggered checkpoint.
 pub const EXIT_INTERRUPTED: i32 = 143;
 /// Exit code for other (retryable) failures.
@@ -113,7 +115,7 @@ pub fn exit_code(error: &Error) -> i32 {
 /// Writes `message` to the termination log (`KUBETUNE_TERMINATION_LOG`, default
 /// `/dev/termination-log`), ignoring failures: outside Kubernetes there is none.
 pub fn write_termination_log(message: &str) {
-    let path = std::env::var_os("KUBETUNE_TERMINATION_LOG")
+    let path = std::env::var_os(contract::ENV_TERMINATION_LOG)
         .unwrap_or_else(|| "/dev/termination-log".into());
     // Kubernetes keeps at most 4096 bytes.
     let mut end = message.len().min(4096);
