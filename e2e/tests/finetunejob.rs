@@ -471,3 +471,67 @@ where
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn suspend_stops_the_trainer_pods_and_resume_runs_them_again() -> Result<()> {
+    let cluster = cluster_or_skip!("suspend_stops_the_trainer_pods_and_resume_runs_them_again");
+    let namespace = namespace(&cluster, "ftj-suspend", &["models", "datasets", "adapters"]).await?;
+    let _operator = start_operator(&cluster, &namespace);
+    let ftjs: Api<FineTuneJob> = namespace.api();
+    ftjs.create(
+        &PostParams::default(),
+        &example("lora-a100.yaml", &[("outcome", "run")])?,
+    )
+    .await?;
+    wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
+        phase(f) == Phase::Running
+    })
+    .await?;
+
+    let suspend = |value: bool| json!({ "spec": { "suspend": value } });
+    ftjs.patch(
+        "support-lora",
+        &PatchParams::default(),
+        &Patch::Merge(&suspend(true)),
+    )
+    .await?;
+    wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
+        phase(f) == Phase::Suspended
+    })
+    .await?;
+    let jobs: Api<Job> = namespace.api();
+    wait_for(&jobs, "support-lora-a1", TIMEOUT, |job: &Job| {
+        job.status.as_ref().and_then(|s| s.active).unwrap_or(0) == 0
+    })
+    .await
+    .context("a suspended Job has no active pods")?;
+
+    ftjs.patch(
+        "support-lora",
+        &PatchParams::default(),
+        &Patch::Merge(&suspend(false)),
+    )
+    .await?;
+    let resumed = wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
+        phase(f) == Phase::Running
+    })
+    .await?;
+    let status = resumed.status.context("status")?;
+    assert_eq!(
+        status.attempts.len(),
+        1,
+        "a resume continues the same attempt"
+    );
+    assert!(condition_is(&status.conditions, "Suspended", "False"));
+    Ok(())
+}
+
+fn condition_is(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+    status: &str,
+) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == status)
+}
