@@ -123,6 +123,32 @@ fn example(file: &str, outcome: &[(&str, &str)]) -> Result<FineTuneJob> {
     Ok(ftj)
 }
 
+/// A namespace with its operator and the LoRA example running (its pod never ends).
+struct RunningLora {
+    namespace: TestNamespace,
+    operator: Operator,
+    ftjs: Api<FineTuneJob>,
+    running: FineTuneJob,
+}
+
+async fn running_lora(cluster: &Cluster, test: &str) -> Result<RunningLora> {
+    let namespace = namespace(cluster, test, &["models", "datasets", "adapters"]).await?;
+    let operator = start_operator(cluster, &namespace);
+    let ftjs: Api<FineTuneJob> = namespace.api();
+    let ftj = example("lora-a100.yaml", &[("outcome", "run")])?;
+    ftjs.create(&PostParams::default(), &ftj).await?;
+    let running = wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
+        phase(f) == Phase::Running
+    })
+    .await?;
+    Ok(RunningLora {
+        namespace,
+        operator,
+        ftjs,
+        running,
+    })
+}
+
 fn phase(ftj: &FineTuneJob) -> Phase {
     ftj.status.as_ref().map(|s| s.phase).unwrap_or_default()
 }
@@ -348,18 +374,12 @@ async fn missing_claim_is_named_and_the_job_starts_once_it_appears() -> Result<(
 async fn restarted_operator_creates_no_duplicate_job_and_keeps_the_status() -> Result<()> {
     let cluster =
         cluster_or_skip!("restarted_operator_creates_no_duplicate_job_and_keeps_the_status");
-    let namespace = namespace(&cluster, "ftj-restart", &["models", "datasets", "adapters"]).await?;
-    let operator = start_operator(&cluster, &namespace);
-    let ftjs: Api<FineTuneJob> = namespace.api();
-    ftjs.create(
-        &PostParams::default(),
-        &example("lora-a100.yaml", &[("outcome", "run")])?,
-    )
-    .await?;
-    let before = wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
-        phase(f) == Phase::Running
-    })
-    .await?;
+    let RunningLora {
+        namespace,
+        operator,
+        ftjs,
+        running: before,
+    } = running_lora(&cluster, "ftj-restart").await?;
     drop(operator);
 
     let _operator = start_operator(&cluster, &namespace);
@@ -435,18 +455,12 @@ async fn gang_that_cannot_be_placed_is_torn_down_after_the_timeout() -> Result<(
 #[tokio::test]
 async fn deleting_the_finetunejob_garbage_collects_its_children() -> Result<()> {
     let cluster = cluster_or_skip!("deleting_the_finetunejob_garbage_collects_its_children");
-    let namespace = namespace(&cluster, "ftj-delete", &["models", "datasets", "adapters"]).await?;
-    let _operator = start_operator(&cluster, &namespace);
-    let ftjs: Api<FineTuneJob> = namespace.api();
-    ftjs.create(
-        &PostParams::default(),
-        &example("lora-a100.yaml", &[("outcome", "run")])?,
-    )
-    .await?;
-    wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
-        phase(f) == Phase::Running
-    })
-    .await?;
+    let RunningLora {
+        namespace,
+        operator: _operator,
+        ftjs,
+        ..
+    } = running_lora(&cluster, "ftj-delete").await?;
 
     ftjs.delete("support-lora", &DeleteParams::default())
         .await?;
@@ -475,18 +489,12 @@ where
 #[tokio::test]
 async fn suspend_stops_the_trainer_pods_and_resume_runs_them_again() -> Result<()> {
     let cluster = cluster_or_skip!("suspend_stops_the_trainer_pods_and_resume_runs_them_again");
-    let namespace = namespace(&cluster, "ftj-suspend", &["models", "datasets", "adapters"]).await?;
-    let _operator = start_operator(&cluster, &namespace);
-    let ftjs: Api<FineTuneJob> = namespace.api();
-    ftjs.create(
-        &PostParams::default(),
-        &example("lora-a100.yaml", &[("outcome", "run")])?,
-    )
-    .await?;
-    wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
-        phase(f) == Phase::Running
-    })
-    .await?;
+    let RunningLora {
+        namespace,
+        operator: _operator,
+        ftjs,
+        ..
+    } = running_lora(&cluster, "ftj-suspend").await?;
 
     let suspend = |value: bool| json!({ "spec": { "suspend": value } });
     ftjs.patch(
