@@ -4,6 +4,7 @@
 //! - `test` runs every test tier: formatting, clippy, unit and integration tests.
 //! - `cluster up | down | status | env` runs a real Kubernetes control plane with
 //!   simulated GPU nodes on loopback (see `cluster/mod.rs`).
+//! - `bench trainer` measures LoRA training against PyTorch + PEFT.
 //! - `demo` runs kubetune's main job on a local cluster.
 
 mod cluster;
@@ -23,6 +24,10 @@ commands:
   cluster up|down|status|env
                    a local Kubernetes (etcd, apiserver, controller manager,
                    scheduler, kwok GPU nodes) on 127.0.0.1; `cluster help` for options
+  bench trainer [ARGS]
+                   LoRA training tokens/s and peak RSS against PyTorch + PEFT on the
+                   same machine (ARGS go to the benchmark: --steps, --recompute,
+                   --no-pytorch, --venv DIR, ...)
   demo             run kubetune's main job on a local cluster";
 
 fn main() -> ExitCode {
@@ -43,6 +48,21 @@ fn run(args: &[String]) -> Result<()> {
         ["crds", "--check"] => crds::check(&root()),
         ["test"] => test(),
         ["cluster", rest @ ..] => cluster::run(&root(), rest),
+        ["bench", "trainer", rest @ ..] => step(
+            "the trainer benchmark",
+            cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "kubetune-trainer",
+                    "--example",
+                    "bench",
+                    "--",
+                ])
+                .args(rest),
+        ),
+        ["bench", ..] => bail!("no such benchmark; available: `cargo xtask bench trainer`"),
         ["demo"] => demo(),
         ["help" | "--help" | "-h"] | [] => {
             println!("{USAGE}");
@@ -117,8 +137,9 @@ fn test() -> Result<()> {
 
 fn demo() -> Result<()> {
     bail!(
-        "the demo is not built yet: it needs the local cluster (`cargo xtask cluster up`), \
-         the operator, the trainer image and the Helm chart, none of which exist in this \
-         commit. See README.md for what works today."
+        "the demo is not built yet: the local cluster, the operator and the trainer exist, \
+         but the demo also needs a real kubelet node, the trainer and operator images, \
+         the Helm chart and the adapter server, which do not exist in this commit. \
+         See README.md for what works today."
     )
 }
