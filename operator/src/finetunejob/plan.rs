@@ -196,13 +196,18 @@ impl Planner<'_> {
         reason: &'static str,
         message: String,
         nodes: Vec<String>,
+        holds_gpus: bool,
     ) {
         self.end_attempt(reason, &message, nodes);
-        self.actions.push(Action::DeleteJob {
-            job: job.to_owned(),
-        });
         let max = self.ftj.spec.max_restarts;
         if self.status.restarts >= max {
+            // A failed Job's pods have ended and hold no GPU: keep it for its logs (the
+            // TTL removes it). A gang that timed out still holds GPUs: release them.
+            if holds_gpus {
+                self.actions.push(Action::DeleteJob {
+                    job: job.to_owned(),
+                });
+            }
             self.finish(
                 Phase::Failed,
                 "BackoffLimitExceeded",
@@ -210,6 +215,9 @@ impl Planner<'_> {
             );
             return;
         }
+        self.actions.push(Action::DeleteJob {
+            job: job.to_owned(),
+        });
         self.status.restarts += 1;
         self.set_phase(Phase::Pending);
         let delay = backoff(self.status.restarts);
@@ -396,11 +404,17 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
                     } else {
                         failure.message.clone()
                     };
-                    p.retry_or_fail(&job.name, reason, message, nodes);
+                    p.retry_or_fail(&job.name, reason, message, nodes, false);
                 }
                 None => {
                     let reason = FailureClass::Error.reason();
-                    p.retry_or_fail(&job.name, reason, "the trainer Job failed".into(), nodes);
+                    p.retry_or_fail(
+                        &job.name,
+                        reason,
+                        "the trainer Job failed".into(),
+                        nodes,
+                        false,
+                    );
                 }
             }
         }
@@ -459,7 +473,7 @@ fn active(p: &mut Planner<'_>, job: &ObservedJob, current: &Attempt, nodes: Vec<
                 "only {running} of {wanted} pods were running after {}s; released the gang's GPUs",
                 timeout.as_secs()
             );
-            p.retry_or_fail(&job.name, "GangTimeout", message, nodes);
+            p.retry_or_fail(&job.name, "GangTimeout", message, nodes, true);
         } else {
             p.requeue(timeout - waited);
         }
@@ -648,6 +662,10 @@ mod tests {
         assert_eq!(plan.status.phase, Phase::Failed);
         let failed = conditions::get(&plan.status.conditions, "Failed").expect("Failed condition");
         assert_eq!(failed.reason, "BackoffLimitExceeded");
+        assert!(
+            plan.actions.is_empty(),
+            "the last failed Job is kept for its logs"
+        );
     }
 
     #[test]
@@ -742,6 +760,22 @@ mod tests {
         assert!(
             gone.actions.is_empty(),
             "a terminal job's Job is never recreated"
+        );
+    }
+
+    #[test]
+    fn a_gang_out_of_restarts_still_releases_its_gpus() {
+        let mut ftj = finetunejob_from_example("full-16-nodes.yaml");
+        ftj.spec.max_restarts = 0;
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        let half: Vec<ObservedPod> = (0..16).map(|i| pod(i, i < 8, None)).collect();
+        let late = plan(&ftj, &job(JobOutcome::Active, half), at(900));
+        assert_eq!(late.status.phase, Phase::Failed);
+        assert_eq!(
+            late.actions,
+            vec![Action::DeleteJob {
+                job: "support-lora-a1".into()
+            }]
         );
     }
 
