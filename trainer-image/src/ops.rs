@@ -334,6 +334,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 mod tests {
     use candle_core::{Device, Var};
 
+    use crate::test_support::max_abs_diff;
+
     use super::*;
 
     #[test]
@@ -371,14 +373,7 @@ mod tests {
             .get(logits.as_tensor())
             .cloned();
         let (ga, gb) = (ga.expect("fused grad"), gb.expect("composed grad"));
-        let diff = (ga - gb)
-            .expect("sub")
-            .abs()
-            .expect("abs")
-            .max_all()
-            .expect("max")
-            .to_scalar::<f32>()
-            .expect("scalar");
+        let diff = max_abs_diff(&ga, &gb);
         assert!(diff < 1e-5, "gradients differ by {diff}");
     }
 
@@ -412,17 +407,7 @@ mod tests {
                     .expect("mask"),
             )
             .expect("composed");
-            let max_diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .expect("sub")
-                    .abs()
-                    .expect("abs")
-                    .max_all()
-                    .expect("max")
-                    .to_scalar::<f32>()
-                    .expect("scalar")
-            };
-            assert!(max_diff(&fused, &composed) < 1e-6, "window {window}");
+            assert!(max_abs_diff(&fused, &composed) < 1e-6, "window {window}");
             let grad = |p: &Tensor| {
                 (p * &weights)
                     .expect("mul")
@@ -435,7 +420,7 @@ mod tests {
                     .expect("grad")
             };
             assert!(
-                max_diff(&grad(&fused), &grad(&composed)) < 1e-5,
+                max_abs_diff(&grad(&fused), &grad(&composed)) < 1e-5,
                 "window {window}"
             );
         }
@@ -462,14 +447,7 @@ mod tests {
             .as_tensor()
             .broadcast_matmul(&w.t().expect("t"))
             .expect("mm");
-        let diff = (y.clone() - reference)
-            .expect("sub")
-            .abs()
-            .expect("abs")
-            .max_all()
-            .expect("max")
-            .to_scalar::<f32>()
-            .expect("scalar");
+        let diff = max_abs_diff(&y, &reference);
         assert!(diff < 1e-5, "forward differs by {diff}");
         let grads = y.sum_all().expect("sum").backward().expect("backward");
         assert!(grads.get(&w).is_none(), "the frozen weight got a gradient");

@@ -277,3 +277,16 @@ pub fn memorisable_chats(n: usize) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+/// The largest absolute value of `t`, for comparing tensors in tests.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .and_then(|a| a.max_all())
+        .and_then(|m| m.to_scalar::<f32>())
+        .expect("an f32 tensor has a largest absolute value")
+}
+
+/// The largest absolute difference between `a` and `b` (same shape), for tests.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    max_abs(&(a - b).expect("tensors of the same shape subtract"))
+}

@@ -7,7 +7,9 @@ use kubetune_trainer::data::{load_dataset, make_batch};
 use kubetune_trainer::lora::{DropoutKey, LoraSettings};
 use kubetune_trainer::model::{Llama, Pass};
 use kubetune_trainer::rng::Rng;
-use kubetune_trainer::test_support::{TinyLlama, memorisable_chats, write_jsonl};
+use kubetune_trainer::test_support::{
+    TinyLlama, max_abs, max_abs_diff, memorisable_chats, write_jsonl,
+};
 use kubetune_trainer::tokenizer::TextTokenizer;
 use kubetune_trainer::train::forward_backward;
 
@@ -139,13 +141,7 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
         let (_, grads) = forward_backward(&f.model, &f.batch, &params, 1.0, TRAIN_PASS, false)
             .expect("backward");
         for ((key, _), grad) in named.iter().zip(&grads) {
-            let max = grad
-                .abs()
-                .expect("abs")
-                .max_all()
-                .expect("max")
-                .to_scalar::<f32>()
-                .expect("scalar");
+            let max = max_abs(grad);
             assert!(max > 0.0, "{key} got no gradient (tied embeddings: {tie})");
         }
     }
@@ -162,21 +158,8 @@ fn layer_wise_recompute_gives_the_same_gradients_as_the_full_graph() {
         forward_backward(&f.model, &f.batch, &params, 0.5, TRAIN_PASS, true).expect("recompute");
     assert_eq!(loss_full, loss_re);
     for ((key, _), (a, b)) in named.iter().zip(full.iter().zip(&re)) {
-        let diff = (a - b)
-            .expect("sub")
-            .abs()
-            .expect("abs")
-            .max_all()
-            .expect("max")
-            .to_scalar::<f32>()
-            .expect("scalar");
-        let scale = a
-            .abs()
-            .expect("abs")
-            .max_all()
-            .expect("max")
-            .to_scalar::<f32>()
-            .expect("s");
+        let diff = max_abs_diff(a, b);
+        let scale = max_abs(a);
         assert!(
             diff <= 1e-5 * scale.max(1e-3),
             "{key}: gradients differ by {diff}"
@@ -192,22 +175,12 @@ fn merged_weights_give_the_same_logits_as_the_unmerged_adapter() {
     let base = f.model.logits(&ids, Pass::BASE).expect("base");
     f.model.merge_lora().expect("merge");
     let merged = f.model.logits(&ids, Pass::BASE).expect("merged");
-    let max_diff = |a: &Tensor, b: &Tensor| {
-        (a - b)
-            .expect("sub")
-            .abs()
-            .expect("abs")
-            .max_all()
-            .expect("max")
-            .to_scalar::<f32>()
-            .expect("scalar")
-    };
     assert!(
-        max_diff(&unmerged, &merged) < 1e-4,
+        max_abs_diff(&unmerged, &merged) < 1e-4,
         "merge changed the output"
     );
     assert!(
-        max_diff(&unmerged, &base) > 1e-2,
+        max_abs_diff(&unmerged, &base) > 1e-2,
         "the adapter had no effect to compare"
     );
 }

@@ -8,7 +8,7 @@ use kubetune_crds::training::{DatasetFormat, Scheduler, TargetModule};
 use kubetune_trainer::adapter::sha256_hex;
 use kubetune_trainer::error::Error;
 use kubetune_trainer::lora::LoraSettings;
-use kubetune_trainer::test_support::{TinyLlama, memorisable_chats, write_jsonl};
+use kubetune_trainer::test_support::{TinyLlama, max_abs_diff, memorisable_chats, write_jsonl};
 use kubetune_trainer::train::{Control, TrainOptions, train};
 
 fn options(root: &Path, out: &str) -> TrainOptions {
@@ -131,14 +131,7 @@ fn an_interrupted_and_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted
     assert_eq!(a.len(), b.len());
     for (key, ta) in &a {
         let tb = &b[key];
-        let diff = (ta - tb)
-            .expect("sub")
-            .abs()
-            .expect("abs")
-            .max_all()
-            .expect("max")
-            .to_scalar::<f32>()
-            .expect("scalar");
+        let diff = max_abs_diff(ta, tb);
         assert!(diff <= 1e-7, "{key} differs by {diff}");
     }
     assert_eq!(summary.adapter.sha256, resumed.adapter.sha256);
