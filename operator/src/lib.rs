@@ -7,6 +7,7 @@
 pub mod conditions;
 pub mod error;
 pub mod finetunejob;
+pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod server;

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use kube::Api;
 use kubetune_operator::finetunejob::controller::{self, Settings};
+use kubetune_operator::leader::Elector;
 use kubetune_operator::metrics::Metrics;
 use kubetune_operator::server::{self, Shared};
 use prometheus_client::registry::Registry;
@@ -46,6 +48,18 @@ struct Flags {
     #[arg(long, env = "KUBETUNE_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
 
+    /// Elect a leader through a Lease so that only one replica reconciles.
+    #[arg(long, env = "KUBETUNE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+
+    /// Namespace of the leadership Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kubetune-system")]
+    lease_namespace: String,
+
+    /// This replica's identity in the election.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+
     /// Log format.
     #[arg(long, env = "KUBETUNE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
@@ -76,13 +90,33 @@ async fn main() -> anyhow::Result<()> {
     });
     let server = tokio::spawn(server::serve(flags.metrics_addr, shared.clone()));
 
+    // Ready means able to serve: a follower is ready too, waiting for the Lease.
     shared.ready.store(true, Ordering::Relaxed);
     let settings = Settings {
         trainer_image: flags.trainer_image,
         resync: Duration::from_secs(flags.resync_seconds),
     };
+    let controllers = controller::run(client.clone(), flags.namespace, settings, metrics);
+    let work = async {
+        if flags.leader_elect {
+            let identity = flags
+                .identity
+                .unwrap_or_else(|| format!("kubetune-operator-{}", std::process::id()));
+            let elector = Elector {
+                api: Api::namespaced(client, &flags.lease_namespace),
+                name: "kubetune-operator".into(),
+                identity,
+                lease_duration: Duration::from_secs(15),
+                renew_every: Duration::from_secs(5),
+            };
+            elector.run(controllers).await.context("leader election")
+        } else {
+            controllers.await;
+            Ok(())
+        }
+    };
     tokio::select! {
-        () = controller::run(client, flags.namespace, settings, metrics) => {}
+        result = work => result?,
         result = server => {
             result
                 .context("the metrics server stopped")?
