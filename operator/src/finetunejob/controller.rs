@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{Action as Requeue, Controller};
@@ -243,7 +244,6 @@ async fn execute(
     action: &Action,
 ) -> Result<(), Error> {
     let client = &context.client;
-    let apply = PatchParams::apply(FIELD_MANAGER).force();
     match action {
         Action::EnsureAttempt { attempt, suspend } => {
             let image = ftj
@@ -264,29 +264,9 @@ async fn execute(
                 source,
             })?;
 
-            let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-            let name = children.config_map.name_any();
-            config_maps
-                .patch(&name, &apply, &Patch::Apply(&children.config_map))
-                .await
-                .map_err(|source| Error::Write {
-                    verb: "apply",
-                    what: "ConfigMap",
-                    name,
-                    source,
-                })?;
+            apply(client, namespace, &children.config_map, "ConfigMap").await?;
             if let Some(service) = &children.service {
-                let services: Api<Service> = Api::namespaced(client.clone(), namespace);
-                let name = service.name_any();
-                services
-                    .patch(&name, &apply, &Patch::Apply(service))
-                    .await
-                    .map_err(|source| Error::Write {
-                        verb: "apply",
-                        what: "Service",
-                        name,
-                        source,
-                    })?;
+                apply(client, namespace, service, "Service").await?;
             }
             let jobs: Api<Job> = Api::namespaced(client.clone(), namespace);
             let name = children.job.name_any();
@@ -340,5 +320,33 @@ async fn execute(
             }
         }
     }
+    Ok(())
+}
+
+/// Server-side applies `object` under the operator's field manager.
+async fn apply<K>(
+    client: &Client,
+    namespace: &str,
+    object: &K,
+    what: &'static str,
+) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let name = object.name_any();
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(&name, &params, &Patch::Apply(object))
+        .await
+        .map_err(|source| Error::Write {
+            verb: "apply",
+            what,
+            name,
+            source,
+        })?;
     Ok(())
 }

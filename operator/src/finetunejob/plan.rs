@@ -513,6 +513,20 @@ mod tests {
         }
     }
 
+    fn ensure(attempt: u32) -> Vec<Action> {
+        vec![Action::EnsureAttempt {
+            attempt,
+            suspend: false,
+        }]
+    }
+
+    /// The fixtures' Job of attempt 1 (the observed Job is always named so).
+    fn delete_attempt_one() -> Vec<Action> {
+        vec![Action::DeleteJob {
+            job: "support-lora-a1".into(),
+        }]
+    }
+
     fn with_status(mut ftj: FineTuneJob, plan: &Plan) -> FineTuneJob {
         ftj.status = Some(plan.status.clone());
         ftj
@@ -522,13 +536,7 @@ mod tests {
     fn a_new_job_starts_attempt_one() {
         let ftj = finetunejob_from_example("lora-a100.yaml");
         let plan = plan(&ftj, &Observed::default(), at(0));
-        assert_eq!(
-            plan.actions,
-            vec![Action::EnsureAttempt {
-                attempt: 1,
-                suspend: false
-            }]
-        );
+        assert_eq!(plan.actions, ensure(1));
         assert_eq!(plan.status.phase, Phase::Admitted);
         assert_eq!(plan.status.attempts.len(), 1);
         assert_eq!(plan.status.observed_generation, Some(1));
@@ -541,13 +549,7 @@ mod tests {
         let ftj = with_status(ftj, &first);
         // The Job is not in the cache yet: ensure the same attempt, don't start another.
         let second = plan(&ftj, &Observed::default(), at(1));
-        assert_eq!(
-            second.actions,
-            vec![Action::EnsureAttempt {
-                attempt: 1,
-                suspend: false
-            }]
-        );
+        assert_eq!(second.actions, ensure(1));
         assert_eq!(second.status.attempts.len(), 1);
     }
 
@@ -594,12 +596,7 @@ mod tests {
             &job(JobOutcome::Failed, vec![pod(0, false, Some(crashed))]),
             at(60),
         );
-        assert_eq!(
-            failed.actions,
-            vec![Action::DeleteJob {
-                job: "support-lora-a1".into()
-            }]
-        );
+        assert_eq!(failed.actions, delete_attempt_one());
         assert_eq!(failed.status.restarts, 1);
         assert_eq!(
             failed.status.attempts[0].reason.as_deref(),
@@ -611,13 +608,7 @@ mod tests {
         let waiting = plan(&ftj, &Observed::default(), at(65));
         assert!(waiting.actions.is_empty(), "still in backoff");
         let restarted = plan(&ftj, &Observed::default(), at(70));
-        assert_eq!(
-            restarted.actions,
-            vec![Action::EnsureAttempt {
-                attempt: 2,
-                suspend: false
-            }]
-        );
+        assert_eq!(restarted.actions, ensure(2));
         assert_eq!(restarted.status.attempts.len(), 2);
     }
 
@@ -679,12 +670,7 @@ mod tests {
         assert_eq!(early.status.phase, Phase::Admitted);
 
         let late = plan(&ftj, &job(JobOutcome::Active, half), at(900));
-        assert_eq!(
-            late.actions,
-            vec![Action::DeleteJob {
-                job: "support-lora-a1".into()
-            }]
-        );
+        assert_eq!(late.actions, delete_attempt_one());
         assert_eq!(
             late.status.attempts[0].reason.as_deref(),
             Some("GangTimeout")
@@ -750,12 +736,7 @@ mod tests {
         assert!(before.actions.is_empty());
         assert_eq!(before.requeue_after, Some(Duration::from_secs(90)));
         let after = plan(&ftj, &job(JobOutcome::Complete, vec![]), at(151));
-        assert_eq!(
-            after.actions,
-            vec![Action::DeleteJob {
-                job: "support-lora-a1".into()
-            }]
-        );
+        assert_eq!(after.actions, delete_attempt_one());
         let gone = plan(&ftj, &Observed::default(), at(200));
         assert!(
             gone.actions.is_empty(),
@@ -771,12 +752,7 @@ mod tests {
         let half: Vec<ObservedPod> = (0..16).map(|i| pod(i, i < 8, None)).collect();
         let late = plan(&ftj, &job(JobOutcome::Active, half), at(900));
         assert_eq!(late.status.phase, Phase::Failed);
-        assert_eq!(
-            late.actions,
-            vec![Action::DeleteJob {
-                job: "support-lora-a1".into()
-            }]
-        );
+        assert_eq!(late.actions, delete_attempt_one());
     }
 
     #[test]

@@ -22,6 +22,20 @@ pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// that a forgotten state directory does not hold a forever-valid admin key.
 const DAYS: &str = "30";
 
+/// `openssl req` arguments shared by the CA and every leaf: a new P-256 key, unencrypted,
+/// in an X.509 certificate valid for [`DAYS`].
+const NEW_EC_CERTIFICATE: [&str; 9] = [
+    "req",
+    "-x509",
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+    "-days",
+    DAYS,
+];
+
 /// A certificate and its key, as files.
 #[derive(Debug, Clone)]
 pub struct KeyPair {
@@ -81,26 +95,21 @@ pub fn generate(dir: &Path) -> Result<Pki> {
     openssl(
         "the cluster CA",
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            DAYS,
-            "-subj",
-            "/CN=kubetune-local-ca",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-            "-keyout",
-            path_str(&pki.ca.key)?,
-            "-out",
-            path_str(&pki.ca.cert)?,
-        ],
+            &NEW_EC_CERTIFICATE[..],
+            &[
+                "-subj",
+                "/CN=kubetune-local-ca",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+                "-keyout",
+                path_str(&pki.ca.key)?,
+                "-out",
+                path_str(&pki.ca.cert)?,
+            ],
+        ]
+        .concat(),
     )?;
 
     let apiserver_sans = format!(
@@ -198,16 +207,8 @@ pub fn generate(dir: &Path) -> Result<Pki> {
 fn sign(ca: &KeyPair, pair: &KeyPair, leaf: &Leaf<'_>) -> Result<()> {
     let usage = format!("extendedKeyUsage={}", leaf.usage);
     let sans = leaf.sans.map(|sans| format!("subjectAltName={sans}"));
-    let mut args = vec![
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-days",
-        DAYS,
+    let mut args = NEW_EC_CERTIFICATE.to_vec();
+    args.extend([
         "-CA",
         path_str(&ca.cert)?,
         "-CAkey",
@@ -224,7 +225,7 @@ fn sign(ca: &KeyPair, pair: &KeyPair, leaf: &Leaf<'_>) -> Result<()> {
         path_str(&pair.key)?,
         "-out",
         path_str(&pair.cert)?,
-    ];
+    ]);
     if let Some(sans) = &sans {
         args.extend(["-addext", sans]);
     }
