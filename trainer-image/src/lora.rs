@@ -40,7 +40,7 @@ impl LoraSettings {
 }
 
 /// One adapter: A `[r, in]` and B `[out, r]`, trainable, always f32.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct LoraPair {
     /// The down projection.
     pub a: Var,

@@ -44,7 +44,7 @@ pub fn compute_dtype(dev: &Device) -> DType {
 }
 
 /// A frozen linear layer, possibly with a bias and an adapter.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -132,7 +132,7 @@ impl Linear {
 }
 
 /// One decoder block.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Block {
     input_norm: Tensor,
     post_norm: Tensor,
@@ -187,8 +187,10 @@ pub struct Positions {
     mask: Tensor,
 }
 
-/// A Llama-family decoder with optional LoRA adapters.
-#[derive(Debug)]
+/// A Llama-family decoder with optional LoRA adapters. Cloning shares the base
+/// weights (candle tensors are reference-counted), so a clone with other adapters
+/// costs only the adapters.
+#[derive(Clone, Debug)]
 pub struct Llama {
     /// The checkpoint's configuration.
     pub config: ModelConfig,
@@ -552,7 +554,13 @@ impl Llama {
         for i in 0..self.blocks.len() {
             x = self.block_forward(i, &x, &pos, pass)?;
         }
-        let normed = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        self.head_logits(&x)
+    }
+
+    /// Logits (f32) of hidden states `h` (`[..., hidden]`, the last block's output):
+    /// the final norm and the LM head.
+    pub fn head_logits(&self, h: &Tensor) -> Result<Tensor> {
+        let normed = rms_norm(h, &self.norm, self.config.rms_norm_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         Ok(frozen_linear(&normed, head)?.to_dtype(DType::F32)?)
     }
