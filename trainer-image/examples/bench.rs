@@ -27,7 +27,7 @@ use kubetune_trainer::lora::LoraSettings;
 use kubetune_trainer::rng::Rng;
 use kubetune_trainer::test_support::{TinyLlama, write_jsonl};
 use kubetune_trainer::tokenizer::TextTokenizer;
-use kubetune_trainer::train::{Control, TrainOptions, train};
+use kubetune_trainer::train::{Control, MethodOptions, TrainOptions, train};
 
 const PYTHON_PINS: [&str; 3] = ["torch==2.15.0", "transformers==5.24.0", "peft==0.21.2"];
 
@@ -98,6 +98,7 @@ fn model_spec() -> TinyLlama {
 
 fn options(root: &Path, args: &Args) -> TrainOptions {
     TrainOptions {
+        method: MethodOptions::Lora,
         model_dir: root.join("model"),
         base_model_name: None,
         train_file: root.join("train.jsonl"),

@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kubetune_crds::decimal::Decimal;
 use kubetune_crds::training::{
-    CheckpointSpec, DatasetFormat, Hyperparameters, LoraSpec, Method, Scheduler, TargetModule,
-    TrainerConfig,
+    CheckpointSpec, DatasetFormat, Hyperparameters, LoraSpec, Method, QloraSpec, Scheduler,
+    TargetModule, TrainerConfig,
 };
 use serde::Serialize;
 
@@ -21,7 +21,7 @@ use crate::lora::LoraSettings;
 use crate::model::{Llama, Pass, default_device};
 use crate::progress::{self, SharedProgress};
 use crate::tokenizer::TextTokenizer;
-use crate::train::{Control, RunSummary, TrainOptions, evaluate, train};
+use crate::train::{Control, MethodOptions, RunSummary, TrainOptions, evaluate, train};
 
 /// kubetune's trainer: LoRA fine-tuning of Llama-family models, PEFT adapters out.
 #[derive(Debug, Parser)]
@@ -67,6 +67,8 @@ impl From<FormatArg> for DatasetFormat {
 pub enum MethodArg {
     /// LoRA on a frozen base.
     Lora,
+    /// LoRA on a base quantized to 4-bit NF4.
+    Qlora,
 }
 
 /// Schedulers on the command line.
@@ -165,6 +167,9 @@ pub struct TrainArgs {
     /// Checkpoints to keep (default 2).
     #[arg(long)]
     pub checkpoint_keep: Option<u32>,
+    /// QLoRA: quantize only the weights, not their block maxima (default: both).
+    #[arg(long)]
+    pub no_double_quant: bool,
     /// Recompute each block in backward instead of keeping activations.
     #[arg(long)]
     pub recompute: bool,
@@ -282,6 +287,7 @@ pub fn config_from_flags(args: &TrainArgs) -> Result<TrainerConfig> {
     Ok(TrainerConfig {
         method: match args.method {
             MethodArg::Lora => Method::Lora,
+            MethodArg::Qlora => Method::Qlora,
         },
         base_model_name: model.file_name().map(|n| n.to_string_lossy().into_owned()),
         model_dir: model.to_string_lossy().into_owned(),
@@ -306,7 +312,9 @@ pub fn config_from_flags(args: &TrainArgs) -> Result<TrainerConfig> {
         output_dir: out.to_string_lossy().into_owned(),
         hyperparameters: hp,
         lora: Some(lora),
-        qlora: None,
+        qlora: (args.method == MethodArg::Qlora).then_some(QloraSpec {
+            double_quantization: !args.no_double_quant,
+        }),
         dpo: None,
         checkpoint,
     })
@@ -326,15 +334,22 @@ pub fn read_config(path: &Path) -> Result<TrainerConfig> {
 /// Resolves a TrainerConfig into the options of a run, refusing what this trainer
 /// cannot do.
 pub fn options_from_config(config: &TrainerConfig, recompute: bool) -> Result<TrainOptions> {
-    if config.method != Method::Lora {
-        return Err(Error::invalid(format!(
-            "method {} is not supported by this trainer yet; only lora is",
-            config.method.as_str()
-        )));
-    }
+    let method = match config.method {
+        Method::Lora => MethodOptions::Lora,
+        Method::Qlora => MethodOptions::Qlora {
+            double_quant: config.qlora.clone().unwrap_or_default().double_quantization,
+        },
+        other => {
+            return Err(Error::invalid(format!(
+                "method {} is not supported by this trainer yet; lora and qlora are",
+                other.as_str()
+            )));
+        }
+    };
     let hp = &config.hyperparameters;
     let lora = config.lora.clone().unwrap_or_default();
     Ok(TrainOptions {
+        method,
         model_dir: config.model_dir.clone().into(),
         base_model_name: config.base_model_name.clone(),
         train_file: config.train_file.clone().into(),

@@ -82,6 +82,7 @@ pub mod data;
 pub mod error;
 pub mod lora;
 pub mod model;
+pub mod nf4;
 pub mod ops;
 pub mod optim;
 pub mod progress;

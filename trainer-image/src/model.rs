@@ -9,6 +9,7 @@
 //! trainable state is the set of [`LoraPair`]s.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor, Var};
@@ -17,6 +18,7 @@ use kubetune_crds::training::TargetModule;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::{AdapterPairs, DropoutKey, LoraPair, LoraSettings, dropout_mask};
+use crate::nf4::{Nf4Weight, nf4_linear};
 use crate::ops::{causal_softmax, cross_entropy_sum, frozen_linear, rms_norm, rope};
 use crate::rng::Rng;
 
@@ -43,10 +45,32 @@ pub fn compute_dtype(dev: &Device) -> DType {
     }
 }
 
+/// How the base model's linear weights are held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BaseFormat {
+    /// Frozen, in the compute dtype (LoRA, DPO).
+    Frozen,
+    /// Frozen, quantized to NF4 at load (QLoRA); embeddings, norms and the LM head stay
+    /// in the compute dtype, as with bitsandbytes.
+    Nf4 {
+        /// Quantize the block maxima too.
+        double_quant: bool,
+    },
+}
+
+/// A linear layer's base weight (cloning shares it).
+#[derive(Clone, Debug)]
+enum BaseWeight {
+    /// `[out, in]` in the compute dtype.
+    Dense(Tensor),
+    /// `[out, in]` in NF4, dequantized on the fly.
+    Nf4(Arc<Nf4Weight>),
+}
+
 /// A frozen linear layer, possibly with a bias and an adapter.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: Tensor,
+    weight: BaseWeight,
     bias: Option<Tensor>,
     /// The adapter, when this layer is a LoRA target.
     pub lora: Option<LoraPair>,
@@ -77,7 +101,10 @@ impl Pass {
 
 impl Linear {
     fn forward(&self, x: &Tensor, layer: usize, lora: &LoraSettings, pass: Pass) -> Result<Tensor> {
-        let mut y = frozen_linear(x, &self.weight)?;
+        let mut y = match &self.weight {
+            BaseWeight::Dense(w) => frozen_linear(x, w)?,
+            BaseWeight::Nf4(q) => nf4_linear(x, q)?,
+        };
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
@@ -109,25 +136,50 @@ impl Linear {
 
     /// The weight with the adapter merged in: `W + s·B·A`.
     pub fn merged_weight(&self, scaling: f64) -> Result<Tensor> {
+        let base = self.base_weight()?;
         match &self.lora {
-            None => Ok(self.weight.clone()),
+            None => Ok(base),
             Some(pair) => {
-                let delta = pair.delta(scaling)?.to_dtype(self.weight.dtype())?;
-                Ok((&self.weight + delta)?)
+                let delta = pair.delta(scaling)?.to_dtype(base.dtype())?;
+                Ok((&base + delta)?)
             }
+        }
+    }
+
+    /// The base weight `[out, in]` in the compute dtype (dequantized if it is NF4).
+    pub fn base_weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            BaseWeight::Dense(w) => Ok(w.clone()),
+            BaseWeight::Nf4(q) => q.dequantize(),
         }
     }
 
     /// Replaces the weight by the merged one and drops the adapter.
     pub fn merge(&mut self, scaling: f64) -> Result<()> {
-        self.weight = self.merged_weight(scaling)?;
+        self.weight = BaseWeight::Dense(self.merged_weight(scaling)?);
         self.lora = None;
         Ok(())
     }
 
     /// `[out, in]` of the base weight.
     pub fn dims(&self) -> Result<(usize, usize)> {
-        Ok(self.weight.dims2()?)
+        match &self.weight {
+            BaseWeight::Dense(w) => Ok(w.dims2()?),
+            BaseWeight::Nf4(q) => Ok(q.dims()),
+        }
+    }
+
+    /// Bytes the base weight occupies (codes and scales for NF4).
+    pub fn base_bytes(&self) -> usize {
+        match &self.weight {
+            BaseWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            BaseWeight::Nf4(q) => q.storage_bytes(),
+        }
+    }
+
+    /// Whether the base weight is held in NF4.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight, BaseWeight::Nf4(_))
     }
 }
 
@@ -289,6 +341,11 @@ impl Weights {
 impl Llama {
     /// Loads a checkpoint directory onto `device` without adapters.
     pub fn load(model_dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_as(model_dir, device, BaseFormat::Frozen)
+    }
+
+    /// Loads a checkpoint directory with the base linear weights held as `format`.
+    pub fn load_as(model_dir: &Path, device: &Device, format: BaseFormat) -> Result<Self> {
         let config = ModelConfig::load(model_dir)?;
         let dtype = compute_dtype(device);
         let w = Weights::open(model_dir, dtype, device)?;
@@ -303,8 +360,15 @@ impl Llama {
             let p = format!("model.layers.{i}");
             let linear =
                 |name: &str, module, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                    let dense = w.get(&format!("{p}.{name}.weight"), &[out, inp])?;
+                    let weight = match format {
+                        BaseFormat::Frozen => BaseWeight::Dense(dense),
+                        BaseFormat::Nf4 { double_quant } => {
+                            BaseWeight::Nf4(Arc::new(Nf4Weight::quantize(&dense, double_quant)?))
+                        }
+                    };
                     Ok(Linear {
-                        weight: w.get(&format!("{p}.{name}.weight"), &[out, inp])?,
+                        weight,
                         bias: if bias {
                             Some(w.get(&format!("{p}.{name}.bias"), &[out])?)
                         } else {
@@ -359,6 +423,28 @@ impl Llama {
     /// The decoder blocks.
     pub fn blocks(&self) -> &[Block] {
         &self.blocks
+    }
+
+    /// Bytes held by the base linear weights of every block (NF4 codes and scales
+    /// when quantized).
+    pub fn base_linear_bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.linears())
+            .map(Linear::base_bytes)
+            .sum()
+    }
+
+    /// Replaces NF4 base weights by their dequantized dense values.
+    pub fn dequantize_base(&mut self) -> Result<()> {
+        for block in &mut self.blocks {
+            for linear in block.linears_mut() {
+                if linear.is_quantized() {
+                    linear.weight = BaseWeight::Dense(linear.base_weight()?);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Adds fresh adapters (PEFT's init) to every target module of every block. The

@@ -16,7 +16,9 @@ use crate::error::Result;
 #[derive(Debug)]
 struct FrozenLinear;
 
-fn frozen_fwd<S: BackendStorage>(
+/// The forward of a frozen linear layer at the storage level: `x · Wᵀ`, `x` `[m, k]`,
+/// `W` `[n, k]`.
+pub(crate) fn frozen_matmul<S: BackendStorage>(
     xs: &S,
     xl: &Layout,
     ws: &S,
@@ -44,7 +46,7 @@ impl CustomOp2 for FrozenLinear {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        frozen_fwd(xs, xl, ws, wl)
+        frozen_matmul(xs, xl, ws, wl)
     }
 
     #[cfg(feature = "cuda")]
@@ -55,7 +57,7 @@ impl CustomOp2 for FrozenLinear {
         ws: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        frozen_fwd(xs, xl, ws, wl)
+        frozen_matmul(xs, xl, ws, wl)
     }
 
     fn bwd(

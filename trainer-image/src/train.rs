@@ -25,15 +25,39 @@ use crate::checkpoint::{TrainerState, resume_latest, save_checkpoint};
 use crate::data::{Batch, Example, epoch_order, load_dataset, make_batch, split_eval};
 use crate::error::{Error, Result};
 use crate::lora::{DropoutKey, LoraSettings};
-use crate::model::{Llama, Pass};
+use crate::model::{BaseFormat, Llama, Pass};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, learning_rate};
 use crate::progress::{SharedProgress, update};
 use crate::rng::Rng;
 use crate::tokenizer::TextTokenizer;
 
+/// The fine-tuning method of a run and its settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MethodOptions {
+    /// LoRA on a frozen base in the compute dtype.
+    Lora,
+    /// LoRA on a base quantized to NF4.
+    Qlora {
+        /// Quantize the block maxima too.
+        double_quant: bool,
+    },
+}
+
+impl MethodOptions {
+    /// How the base model's linear weights are loaded.
+    pub fn base_format(self) -> BaseFormat {
+        match self {
+            Self::Qlora { double_quant } => BaseFormat::Nf4 { double_quant },
+            _ => BaseFormat::Frozen,
+        }
+    }
+}
+
 /// Everything a training run needs, resolved from the operator's config or the CLI.
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
+    /// The method.
+    pub method: MethodOptions,
     /// Hugging Face checkpoint directory.
     pub model_dir: PathBuf,
     /// Name recorded as `base_model_name_or_path`.
@@ -285,7 +309,7 @@ pub fn prepare(opts: &TrainOptions, device: &Device) -> Result<Prepared> {
     if opts.lora.targets.is_empty() {
         return Err(Error::invalid("LoRA needs at least one target module"));
     }
-    let mut model = Llama::load(&opts.model_dir, device)?;
+    let mut model = Llama::load_as(&opts.model_dir, device, opts.method.base_format())?;
     let tokenizer = TextTokenizer::load(&opts.model_dir, &model.config)?;
     if tokenizer.vocab_size() > model.config.vocab_size {
         return Err(Error::invalid(format!(
@@ -321,8 +345,14 @@ pub fn prepare(opts: &TrainOptions, device: &Device) -> Result<Prepared> {
 
 fn fingerprint(opts: &TrainOptions, train: usize, total_steps: u64) -> String {
     let targets: Vec<&str> = opts.lora.targets.iter().map(|t| t.as_str()).collect();
+    // LoRA keeps the fingerprint it had before other methods existed, so checkpoints of
+    // running jobs stay resumable.
+    let method = match opts.method {
+        MethodOptions::Lora => String::new(),
+        other => format!("method={other:?} "),
+    };
     format!(
-        "rank={} targets={} seed={} batch={} accum={} examples={train} steps={total_steps}",
+        "{method}rank={} targets={} seed={} batch={} accum={} examples={train} steps={total_steps}",
         opts.lora.rank,
         targets.join(","),
         opts.seed,

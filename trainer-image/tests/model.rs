@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor, Var};
 use kubetune_crds::training::{DatasetFormat, TargetModule};
 use kubetune_trainer::data::{load_dataset, make_batch};
 use kubetune_trainer::lora::{DropoutKey, LoraSettings};
-use kubetune_trainer::model::{Llama, Pass};
+use kubetune_trainer::model::{BaseFormat, Llama, Pass};
 use kubetune_trainer::rng::Rng;
 use kubetune_trainer::test_support::{
     TinyLlama, max_abs, max_abs_diff, memorisable_chats, write_jsonl,
@@ -29,9 +29,13 @@ fn fixture(tie: bool) -> Fixture {
 }
 
 fn fixture_of(spec: TinyLlama) -> Fixture {
+    fixture_as(spec, BaseFormat::Frozen)
+}
+
+fn fixture_as(spec: TinyLlama, format: BaseFormat) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     spec.write(dir.path()).expect("write model");
-    let mut model = Llama::load(dir.path(), &Device::Cpu).expect("load");
+    let mut model = Llama::load_as(dir.path(), &Device::Cpu, format).expect("load");
     let settings = LoraSettings {
         rank: 4,
         alpha: 8.0,
@@ -90,6 +94,41 @@ fn qwen2_checkpoints_with_qkv_biases_load_and_differentiate_correctly() {
         ..TinyLlama::default()
     });
     check_finite_differences(&f);
+}
+
+#[test]
+fn qlora_adapter_gradients_through_nf4_base_weights_match_finite_differences() {
+    let f = fixture_as(TinyLlama::default(), BaseFormat::Nf4 { double_quant: true });
+    assert!(
+        f.model
+            .blocks()
+            .iter()
+            .all(|b| b.linears().iter().all(|l| l.is_quantized()))
+    );
+    check_finite_differences(&f);
+}
+
+#[test]
+fn an_nf4_model_computes_what_the_dense_model_with_dequantized_weights_computes() {
+    let f = fixture_as(
+        TinyLlama::default(),
+        BaseFormat::Nf4 {
+            double_quant: false,
+        },
+    );
+    let dense = fixture(false);
+    let ids = f.batch.ids.clone();
+    let quantized = f.model.logits(&ids, Pass::BASE).expect("nf4 logits");
+    let full = dense.model.logits(&ids, Pass::BASE).expect("dense logits");
+    // Quantization moves the logits, but by far less than their spread.
+    let moved = max_abs_diff(&quantized, &full);
+    assert!(moved > 0.0 && moved < 0.25 * max_abs(&full), "{moved}");
+    // A dense model holding exactly the dequantized weights agrees to rounding.
+    let mut replica = f.model.clone();
+    replica.dequantize_base().expect("dequantize");
+    assert!(replica.base_linear_bytes() > 7 * f.model.base_linear_bytes());
+    let same = replica.logits(&ids, Pass::BASE).expect("replica logits");
+    assert!(max_abs_diff(&quantized, &same) < 1e-4);
 }
 
 fn check_finite_differences(f: &Fixture) {

@@ -9,10 +9,11 @@ use kubetune_trainer::adapter::sha256_hex;
 use kubetune_trainer::error::Error;
 use kubetune_trainer::lora::LoraSettings;
 use kubetune_trainer::test_support::{TinyLlama, max_abs_diff, memorisable_chats, write_jsonl};
-use kubetune_trainer::train::{Control, TrainOptions, train};
+use kubetune_trainer::train::{Control, MethodOptions, TrainOptions, train};
 
 fn options(root: &Path, out: &str) -> TrainOptions {
     TrainOptions {
+        method: MethodOptions::Lora,
         model_dir: root.join("model"),
         base_model_name: Some("tiny-llama".into()),
         train_file: root.join("train.jsonl"),
@@ -79,6 +80,38 @@ fn a_hundred_steps_on_a_memorisable_dataset_cut_the_training_loss_by_80_percent(
         summary.eval_loss.expect("tuned"),
     );
     assert!(tuned < 0.2 * base, "eval loss {base} -> {tuned}");
+}
+
+#[test]
+fn qlora_on_an_nf4_base_cuts_the_training_loss_and_writes_a_plain_peft_adapter() {
+    let dir = setup(8);
+    let mut opts = options(dir.path(), "out");
+    opts.method = MethodOptions::Qlora { double_quant: true };
+    opts.max_steps = Some(60);
+    opts.eval_file = Some(dir.path().join("train.jsonl"));
+    let summary = train(&opts, &Device::Cpu, &Control::default()).expect("train");
+    let (first, last) = (summary.loss_history[0], summary.loss_history[59]);
+    println!("qlora loss {first:.4} -> {last:.4}");
+    assert!(last <= 0.3 * first, "loss fell only from {first} to {last}");
+    let (base, tuned) = (
+        summary.base_eval_loss.expect("base"),
+        summary.eval_loss.expect("tuned"),
+    );
+    assert!(tuned < 0.3 * base, "eval loss {base} -> {tuned}");
+    let out = dir.path().join("out");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).expect("config"))
+            .expect("json");
+    assert_eq!(config["peft_type"], "LORA");
+    let tensors =
+        candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu)
+            .expect("adapter");
+    assert_eq!(tensors.len(), 2 * 7 * 2);
+    assert!(
+        tensors
+            .keys()
+            .all(|k| k.contains(".lora_A.") || k.contains(".lora_B."))
+    );
 }
 
 #[test]
