@@ -87,6 +87,7 @@ pub mod ops;
 pub mod optim;
 pub mod progress;
 pub mod rng;
+pub mod serve;
 pub mod test_support;
 pub mod tokenizer;
 pub mod train;
