@@ -1,14 +1,17 @@
 //! `cargo xtask …`: the project's commands, in Rust so they run wherever cargo does.
 //!
-//! - `crds [--check]` writes (or checks) `crds/manifests/` from the API types.
+//! - `crds [--check]` writes (or checks) `crds/manifests/` and the chart's `crds/`
+//!   from the API types.
 //! - `test` runs every test tier: formatting, clippy, unit and integration tests.
 //! - `cluster up | down | status | env` runs a real Kubernetes control plane with
 //!   simulated GPU nodes on loopback (see `cluster/mod.rs`).
 //! - `bench trainer` measures LoRA training against PyTorch + PEFT.
+//! - `images` builds the operator and trainer images as OCI archives (`images.rs`).
 //! - `demo` runs kubetune's main job on a local cluster.
 
 mod cluster;
 mod crds;
+mod images;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -18,7 +21,8 @@ use anyhow::{Context, Result, bail};
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  crds [--check]   write crds/manifests/ from the API types (--check: fail on drift)
+  crds [--check]   write crds/manifests/ and charts/kubetune/crds/ from the API
+                   types (--check: fail on drift)
   test             run all tests: fmt, clippy, manifest drift, then unit and
                    integration tests against a local cluster (up before, down after)
   cluster up|down|status|env
@@ -28,6 +32,8 @@ commands:
                    LoRA training tokens/s and peak RSS against PyTorch + PEFT on the
                    same machine (ARGS go to the benchmark: --steps, --recompute,
                    --no-pytorch, --venv DIR, ...)
+  images           static operator and trainer (CPU) images as OCI archives in
+                   ~/.cache/kubetune/images/, with buildah; no registry or engine
   demo             run kubetune's main job on a local cluster";
 
 fn main() -> ExitCode {
@@ -48,6 +54,7 @@ fn run(args: &[String]) -> Result<()> {
         ["crds", "--check"] => crds::check(&root()),
         ["test"] => test(),
         ["cluster", rest @ ..] => cluster::run(&root(), rest),
+        ["images", rest @ ..] => images::run(&root(), rest),
         ["bench", "trainer", rest @ ..] => step(
             "the trainer benchmark",
             cargo()
