@@ -42,9 +42,13 @@ argocd.argoproj.io/sync-wave: "1"
 {{- end -}}
 {{- end -}}
 
-{{/* The namespace a namespaced-mode operator watches. */}}
-{{- define "kubetune.watchNamespace" -}}
-{{- default .Release.Namespace .Values.scope.namespace -}}
+{{/* The namespaces a namespaced-mode operator watches, as a JSON list. */}}
+{{- define "kubetune.watchNamespaces" -}}
+{{- if .Values.scope.namespaces -}}
+{{- toJson .Values.scope.namespaces -}}
+{{- else -}}
+{{- toJson (list .Release.Namespace) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "kubetune.image" -}}
