@@ -9,13 +9,14 @@ use std::sync::atomic::Ordering;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kubetune_crds::decimal::Decimal;
 use kubetune_crds::training::{
-    CheckpointSpec, DatasetFormat, Hyperparameters, LoraSpec, Method, QloraSpec, Scheduler,
-    TargetModule, TrainerConfig,
+    CheckpointSpec, DatasetFormat, DpoSpec, Hyperparameters, LoraSpec, Method, QloraSpec,
+    Scheduler, TargetModule, TrainerConfig,
 };
 use serde::Serialize;
 
 use crate::adapter::load_adapter;
 use crate::data::load_dataset;
+use crate::dpo::DpoSettings;
 use crate::error::{Error, Result, read_input_file};
 use crate::lora::LoraSettings;
 use crate::model::{Llama, Pass, default_device};
@@ -50,6 +51,8 @@ pub enum FormatArg {
     Instruction,
     /// `{"text": ...}`.
     Text,
+    /// `{"prompt": ..., "chosen": ..., "rejected": ...}` (method dpo).
+    Preference,
 }
 
 impl From<FormatArg> for DatasetFormat {
@@ -58,6 +61,7 @@ impl From<FormatArg> for DatasetFormat {
             FormatArg::Chat => Self::Chat,
             FormatArg::Instruction => Self::Instruction,
             FormatArg::Text => Self::Text,
+            FormatArg::Preference => Self::Preference,
         }
     }
 }
@@ -69,6 +73,8 @@ pub enum MethodArg {
     Lora,
     /// LoRA on a base quantized to 4-bit NF4.
     Qlora,
+    /// Direct Preference Optimization with a LoRA adapter (needs --format preference).
+    Dpo,
 }
 
 /// Schedulers on the command line.
@@ -167,6 +173,12 @@ pub struct TrainArgs {
     /// Checkpoints to keep (default 2).
     #[arg(long)]
     pub checkpoint_keep: Option<u32>,
+    /// DPO's β (default 0.1).
+    #[arg(long)]
+    pub beta: Option<String>,
+    /// DPO's label smoothing ε (default 0).
+    #[arg(long)]
+    pub label_smoothing: Option<String>,
     /// QLoRA: quantize only the weights, not their block maxima (default: both).
     #[arg(long)]
     pub no_double_quant: bool,
@@ -288,6 +300,7 @@ pub fn config_from_flags(args: &TrainArgs) -> Result<TrainerConfig> {
         method: match args.method {
             MethodArg::Lora => Method::Lora,
             MethodArg::Qlora => Method::Qlora,
+            MethodArg::Dpo => Method::Dpo,
         },
         base_model_name: model.file_name().map(|n| n.to_string_lossy().into_owned()),
         model_dir: model.to_string_lossy().into_owned(),
@@ -315,7 +328,19 @@ pub fn config_from_flags(args: &TrainArgs) -> Result<TrainerConfig> {
         qlora: (args.method == MethodArg::Qlora).then_some(QloraSpec {
             double_quantization: !args.no_double_quant,
         }),
-        dpo: None,
+        dpo: match args.method {
+            MethodArg::Dpo => {
+                let mut dpo = DpoSpec::default();
+                if let Some(beta) = &args.beta {
+                    dpo.beta = decimal("beta", beta)?;
+                }
+                if let Some(eps) = &args.label_smoothing {
+                    dpo.label_smoothing = decimal("label-smoothing", eps)?;
+                }
+                Some(dpo)
+            }
+            _ => None,
+        },
         checkpoint,
     })
 }
@@ -339,9 +364,28 @@ pub fn options_from_config(config: &TrainerConfig, recompute: bool) -> Result<Tr
         Method::Qlora => MethodOptions::Qlora {
             double_quant: config.qlora.clone().unwrap_or_default().double_quantization,
         },
+        Method::Dpo => {
+            let dpo = config.dpo.clone().unwrap_or_default();
+            let beta = value("dpo.beta", &dpo.beta)?;
+            let label_smoothing = value("dpo.labelSmoothing", &dpo.label_smoothing)?;
+            if !(beta > 0.0 && beta <= 10.0) {
+                return Err(Error::invalid(format!(
+                    "dpo.beta {beta} must be above 0 and at most 10"
+                )));
+            }
+            if !(0.0..0.5).contains(&label_smoothing) {
+                return Err(Error::invalid(format!(
+                    "dpo.labelSmoothing {label_smoothing} must be at least 0 and below 0.5"
+                )));
+            }
+            MethodOptions::Dpo(DpoSettings {
+                beta,
+                label_smoothing,
+            })
+        }
         other => {
             return Err(Error::invalid(format!(
-                "method {} is not supported by this trainer yet; lora and qlora are",
+                "method {} is not supported by this trainer yet; lora, qlora and dpo are",
                 other.as_str()
             )));
         }

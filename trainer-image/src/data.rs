@@ -8,6 +8,11 @@
 //! - `instruction`: `{"prompt": ..., "completion": ...}`; loss on the completion and
 //!   the end-of-sequence token.
 //! - `text`: `{"text": ...}`; loss on every token.
+//! - `preference` (DPO): `{"prompt": ..., "chosen": ..., "rejected": ...}`, each a string
+//!   or a list of chat messages (TRL's standard and conversational forms). All strings:
+//!   prompt then completion and EOS, as `instruction`. Otherwise rendered with the chat
+//!   template, a string prompt taken as a user message and a string completion as an
+//!   assistant message; only the completion's assistant turns are targets.
 //!
 //! A line that does not parse is an error naming the file and line (exit code 2).
 //! Sequences longer than `max_seq_length` are truncated; batches are right-padded,
@@ -46,6 +51,42 @@ struct InstructionLine {
 #[derive(Deserialize)]
 struct TextLine {
     text: String,
+}
+
+/// A preference field: plain text or chat messages.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Turns {
+    Text(String),
+    Messages(Vec<Message>),
+}
+
+impl Turns {
+    fn into_messages(self, role: &str) -> Vec<Message> {
+        match self {
+            Self::Text(content) => vec![Message {
+                role: role.to_owned(),
+                content,
+            }],
+            Self::Messages(messages) => messages,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct PreferenceLine {
+    prompt: Turns,
+    chosen: Turns,
+    rejected: Turns,
+}
+
+/// A DPO example: the same prompt with a preferred and a dispreferred completion.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreferencePair {
+    /// Prompt and chosen completion (targets on the completion only).
+    pub chosen: Example,
+    /// Prompt and rejected completion.
+    pub rejected: Example,
 }
 
 /// A tokenised example: `tokens[i]` is a training target when `target[i]` is true.
@@ -116,7 +157,7 @@ pub fn load_dataset(
             }
             DatasetFormat::Preference => {
                 return Err(Error::invalid(
-                    "the preference format is for DPO, which this trainer does not implement yet",
+                    "the preference format is for method dpo; the other methods need chat, instruction or text",
                 ));
             }
         };
@@ -141,12 +182,88 @@ pub fn load_dataset(
     Ok(examples)
 }
 
+/// Reads and tokenises a preference JSONL dataset (DPO). Each sequence is truncated to
+/// `max_seq_length`; a pair whose chosen or rejected completion has no target left is
+/// skipped with a warning.
+pub fn load_preferences(
+    path: &Path,
+    tokenizer: &TextTokenizer,
+    max_seq_length: usize,
+) -> Result<Vec<PreferencePair>> {
+    let bytes = read_input_file(path, "dataset")?;
+    let text = String::from_utf8(bytes)
+        .map_err(|err| Error::invalid(format!("dataset {} is not UTF-8: {err}", path.display())))?;
+    let mut pairs = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |message: String| Error::BadDatasetLine {
+            path: path.to_owned(),
+            line: index + 1,
+            message,
+        };
+        let parsed: PreferenceLine = serde_json::from_str(line).map_err(|err| {
+            bad(format!(
+                "not a preference example {{\"prompt\", \"chosen\", \"rejected\"}}, each a string or a list of messages: {err}"
+            ))
+        })?;
+        let encode = |completion: Turns, which: &str| -> Result<Example> {
+            let mut example = match (&parsed.prompt, completion) {
+                (Turns::Text(prompt), Turns::Text(completion)) => {
+                    tokenizer.encode_prompt_completion(prompt, &completion)?
+                }
+                (prompt, completion) => {
+                    let prompt = match prompt {
+                        Turns::Text(text) => vec![Message {
+                            role: "user".into(),
+                            content: text.clone(),
+                        }],
+                        Turns::Messages(messages) => messages.clone(),
+                    };
+                    let completion = completion.into_messages("assistant");
+                    if !completion.iter().any(|m| m.role == "assistant") {
+                        return Err(bad(format!("{which} has no assistant message")));
+                    }
+                    let first = prompt.len();
+                    let messages: Vec<Message> = prompt.into_iter().chain(completion).collect();
+                    tokenizer
+                        .encode_chat_from(&messages, first)
+                        .map_err(|err| match err {
+                            Error::InvalidInput(message) | Error::Tokenizer(message) => {
+                                bad(message)
+                            }
+                            other => other,
+                        })?
+                }
+            };
+            example.tokens.truncate(max_seq_length);
+            example.target.truncate(max_seq_length);
+            Ok(example)
+        };
+        let chosen = encode(parsed.chosen, "chosen")?;
+        let rejected = encode(parsed.rejected, "rejected")?;
+        if chosen.target_count() == 0 || rejected.target_count() == 0 {
+            tracing::warn!(
+                file = %path.display(),
+                line = index + 1,
+                "preference pair has a completion with no target tokens within maxSeqLength; skipped"
+            );
+            continue;
+        }
+        pairs.push(PreferencePair { chosen, rejected });
+    }
+    if pairs.is_empty() {
+        return Err(Error::invalid(format!(
+            "dataset {} has no preference pair with target tokens",
+            path.display()
+        )));
+    }
+    Ok(pairs)
+}
+
 /// Splits off `percent`% of `examples` (at least one) for evaluation, chosen by `seed`.
-pub fn split_eval(
-    examples: Vec<Example>,
-    percent: u32,
-    seed: u64,
-) -> Result<(Vec<Example>, Vec<Example>)> {
+pub fn split_eval<T>(examples: Vec<T>, percent: u32, seed: u64) -> Result<(Vec<T>, Vec<T>)> {
     if percent == 0 {
         return Ok((examples, Vec::new()));
     }

@@ -79,6 +79,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod dpo;
 pub mod error;
 pub mod lora;
 pub mod model;

@@ -19,7 +19,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::{AdapterPairs, DropoutKey, LoraPair, LoraSettings, dropout_mask};
 use crate::nf4::{Nf4Weight, nf4_linear};
-use crate::ops::{causal_softmax, cross_entropy_sum, frozen_linear, rms_norm, rope};
+use crate::ops::{causal_softmax, cross_entropy_rows, frozen_linear, rms_norm, rope};
 use crate::rng::Rng;
 
 /// The device the trainer computes on: the first CUDA GPU with the `cuda` feature,
@@ -623,13 +623,19 @@ impl Llama {
     /// positions `rows`. Only those rows go through the final norm and the LM head, so
     /// prompt and padding positions cost nothing.
     pub fn head_loss_sum(&self, h: &Tensor, rows: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        Ok(self.head_loss_rows(h, rows, targets)?.sum_all()?)
+    }
+
+    /// The cross-entropy (f32 `[n]`) of each target at the flattened positions `rows`
+    /// of the hidden states `h`: minus the log-probability of each target token.
+    pub fn head_loss_rows(&self, h: &Tensor, rows: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let hidden = self.config.hidden_size;
         let flat = h.reshape((h.elem_count() / hidden, hidden))?;
         let picked = flat.index_select(rows, 0)?;
         let normed = rms_norm(&picked, &self.norm, self.config.rms_norm_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let logits = frozen_linear(&normed, head)?.to_dtype(DType::F32)?;
-        cross_entropy_sum(&logits, targets)
+        cross_entropy_rows(&logits, targets)
     }
 
     /// Logits `[batch, seq, vocab]` (f32) of a full forward pass, for inspection and tests.

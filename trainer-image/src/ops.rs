@@ -285,14 +285,21 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, window: usize, mask: &Tensor)
 /// Summed cross-entropy of f32 `logits` `[n, vocab]` against u32 `targets` `[n]`: fused
 /// on the CPU, composed from differentiable ops elsewhere.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    Ok(cross_entropy_rows(logits, targets)?.sum_all()?)
+}
+
+/// Cross-entropy of each row, f32 `[n]`, of `logits` `[n, vocab]` against u32 `targets`
+/// `[n]` (the negative log-probability of each target): fused on the CPU, composed
+/// from differentiable ops elsewhere.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if logits.device().is_cpu() {
         let logits = logits.contiguous()?;
         let targets = targets.contiguous()?;
-        Ok(logits.apply_op2(&targets, CrossEntropy)?.sum_all()?)
+        Ok(logits.apply_op2(&targets, CrossEntropy)?)
     } else {
         let logp = log_softmax_last_dim(logits)?;
         let picked = logp.gather(&targets.unsqueeze(1)?, D::Minus1)?;
-        Ok(picked.sum_all()?.neg()?)
+        Ok(picked.squeeze(1)?.neg()?)
     }
 }
 

@@ -1,11 +1,13 @@
 //! Live progress of a run, served over HTTP for the operator and for people.
 //!
 //! - `GET /progress`: JSON `{"phase", "step", "totalSteps", "epoch", "loss", "evalLoss",
-//!   "baseEvalLoss", "tokensPerSecond", "etaSeconds"}` (camelCase, as the operator's
-//!   `status.progress`).
+//!   "baseEvalLoss", "tokensPerSecond", "etaSeconds", "metrics"}` (camelCase, as the
+//!   operator's `status.progress`; `metrics` holds DPO's `rewards/chosen`,
+//!   `rewards/rejected`, `accuracy` and `margin`, and is absent for other methods).
 //! - `GET /metrics`: the same figures in Prometheus' text format.
 //! - `GET /healthz`: `ok` while the process runs.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -39,6 +41,10 @@ pub struct Progress {
     pub tokens_per_second: f64,
     /// Estimated seconds to the end of training.
     pub eta_seconds: Option<f64>,
+    /// Method-specific figures of the last step (DPO: `rewards/chosen`,
+    /// `rewards/rejected`, `accuracy`, `margin`; after training also `eval_`-prefixed).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// Progress shared between the training thread and the HTTP server.
@@ -110,6 +116,16 @@ pub fn prometheus_text(p: &Progress) -> String {
         "Estimated seconds to the end of training.",
         p.eta_seconds,
     );
+    if !p.metrics.is_empty() {
+        out.push_str(
+            "# HELP kubetune_trainer_metric Method-specific figures of the last step (DPO rewards, accuracy, margin).\n# TYPE kubetune_trainer_metric gauge\n",
+        );
+        for (name, value) in &p.metrics {
+            out.push_str(&format!(
+                "kubetune_trainer_metric{{name=\"{name}\"}} {value}\n"
+            ));
+        }
+    }
     out
 }
 
@@ -167,5 +183,11 @@ mod tests {
             !text.contains("kubetune_trainer_eval_loss "),
             "unknown figures are omitted"
         );
+        let dpo = prometheus_text(&Progress {
+            metrics: BTreeMap::from([("rewards/chosen".to_owned(), 0.25)]),
+            ..Progress::default()
+        });
+        assert!(dpo.contains("kubetune_trainer_metric{name=\"rewards/chosen\"} 0.25\n"));
+        assert!(!text.contains("kubetune_trainer_metric"));
     }
 }

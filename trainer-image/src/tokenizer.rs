@@ -188,10 +188,16 @@ impl TextTokenizer {
     /// start inside an assistant turn (what the template adds after the previous turns
     /// and the generation prompt).
     pub fn encode_chat(&self, messages: &[Message]) -> Result<Example> {
+        self.encode_chat_from(messages, 0)
+    }
+
+    /// Like [`Self::encode_chat`], with targets only in the assistant turns from message
+    /// `first` on (DPO: the completion after a conversation prompt).
+    pub fn encode_chat_from(&self, messages: &[Message], first: usize) -> Result<Example> {
         let full = self.render_chat(messages, false)?;
         let mut spans = Vec::new();
         for (i, message) in messages.iter().enumerate() {
-            if message.role != "assistant" {
+            if message.role != "assistant" || i < first {
                 continue;
             }
             let upto = self.render_chat(&messages[..=i], false)?;

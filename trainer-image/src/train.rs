@@ -11,6 +11,7 @@
 //! micro-batches (each micro-batch's summed loss is divided by the step's total target
 //! count, so gradients do not depend on how tokens fall into micro-batches).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +23,14 @@ use serde::Serialize;
 
 use crate::adapter::{Artifact, save_adapter, write_atomic};
 use crate::checkpoint::{TrainerState, resume_latest, save_checkpoint};
-use crate::data::{Batch, Example, epoch_order, load_dataset, make_batch, split_eval};
+use crate::data::{
+    Batch, Example, PreferencePair, epoch_order, load_dataset, load_preferences, make_batch,
+    split_eval,
+};
+use crate::dpo::{
+    DpoSettings, DpoStats, PairBatch, dpo_loss, evaluate_dpo, logps_under, make_pair_batch,
+    sequence_logps,
+};
 use crate::error::{Error, Result};
 use crate::lora::{DropoutKey, LoraSettings};
 use crate::model::{BaseFormat, Llama, Pass};
@@ -41,6 +49,8 @@ pub enum MethodOptions {
         /// Quantize the block maxima too.
         double_quant: bool,
     },
+    /// DPO with a LoRA adapter on a frozen base; preference data.
+    Dpo(DpoSettings),
 }
 
 impl MethodOptions {
@@ -135,6 +145,11 @@ pub struct RunSummary {
     pub resumed_from_step: u64,
     /// The adapter file's hash and size.
     pub adapter: Artifact,
+    /// Method-specific figures: for DPO the last step's `rewards/chosen`,
+    /// `rewards/rejected`, `accuracy`, `margin`, and the same on the eval set prefixed
+    /// `eval_`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// Summed loss and the target count of a dataset under `pass`.
@@ -188,9 +203,63 @@ pub fn forward_backward(
     pass: Pass,
     recompute: bool,
 ) -> Result<(f64, Vec<Tensor>)> {
-    let (_, t) = batch.ids.dims2()?;
+    forward_backward_with(
+        model,
+        &batch.ids,
+        params,
+        scale,
+        pass,
+        recompute,
+        &mut |h| model.head_loss_sum(h, &batch.rows, &batch.targets),
+    )
+}
+
+/// DPO's forward and backward of one micro-batch of pairs: the reference's
+/// log-probabilities first (adapters off, no graph), then the policy's with gradients.
+/// Returns the summed loss over pairs, the gradients of `scale ·` that, and the figures.
+pub fn dpo_forward_backward(
+    model: &Llama,
+    pb: &PairBatch,
+    params: &[&Var],
+    scale: f64,
+    pass: Pass,
+    recompute: bool,
+    settings: DpoSettings,
+) -> Result<(f64, Vec<Tensor>, DpoStats)> {
+    let reference = logps_under(model, pb, Pass::BASE)?;
+    let mut stats = DpoStats::default();
+    let (loss, grads) = forward_backward_with(
+        model,
+        &pb.batch.ids,
+        params,
+        scale,
+        pass,
+        recompute,
+        &mut |h| {
+            let policy = sequence_logps(model, h, pb)?;
+            let (losses, s) = dpo_loss(&policy, &reference, settings)?;
+            stats = s;
+            Ok(losses.sum_all()?)
+        },
+    )?;
+    Ok((loss, grads, stats))
+}
+
+/// Forward and backward of one micro-batch of `ids` whose last hidden states `head`
+/// turns into a summed loss (an f32 scalar); returns the loss and the gradient of
+/// `scale · loss` for each of `params` (zeros where a parameter got none).
+pub fn forward_backward_with(
+    model: &Llama,
+    ids: &Tensor,
+    params: &[&Var],
+    scale: f64,
+    pass: Pass,
+    recompute: bool,
+    head: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+) -> Result<(f64, Vec<Tensor>)> {
+    let (_, t) = ids.dims2()?;
     let pos = model.positions(t)?;
-    let x0 = model.embed(&batch.ids)?;
+    let x0 = model.embed(ids)?;
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
     let mut collect = |store: &candle_core::backprop::GradStore| -> Result<()> {
         for (slot, p) in grads.iter_mut().zip(params) {
@@ -215,7 +284,7 @@ pub fn forward_backward(
             x = out;
         }
         let h = Var::from_tensor(&x)?;
-        let loss = model.head_loss_sum(h.as_tensor(), &batch.rows, &batch.targets)?;
+        let loss = head(h.as_tensor())?;
         loss_value = f64::from(loss.to_scalar::<f32>()?);
         let store = (loss * scale)?.backward()?;
         collect(&store)?;
@@ -249,7 +318,7 @@ pub fn forward_backward(
         for i in 0..model.blocks().len() {
             x = model.block_forward(i, &x, &pos, pass)?;
         }
-        let loss = model.head_loss_sum(&x, &batch.rows, &batch.targets)?;
+        let loss = head(&x)?;
         loss_value = f64::from(loss.to_scalar::<f32>()?);
         let store = (loss * scale)?.backward()?;
         collect(&store)?;
@@ -274,6 +343,80 @@ pub struct Control {
     pub progress: SharedProgress,
 }
 
+/// Training and eval data of a run.
+#[derive(Debug)]
+pub enum Data {
+    /// Token sequences with a loss mask (LoRA, QLoRA).
+    Sft {
+        /// Training examples.
+        train: Vec<Example>,
+        /// Eval examples (possibly none).
+        eval: Vec<Example>,
+    },
+    /// Preference pairs (DPO).
+    Dpo {
+        /// Training pairs.
+        train: Vec<PreferencePair>,
+        /// Eval pairs (possibly none).
+        eval: Vec<PreferencePair>,
+    },
+}
+
+impl Data {
+    /// Training items (examples or pairs).
+    pub fn train_len(&self) -> usize {
+        match self {
+            Self::Sft { train, .. } => train.len(),
+            Self::Dpo { train, .. } => train.len(),
+        }
+    }
+
+    /// Eval items.
+    pub fn eval_len(&self) -> usize {
+        match self {
+            Self::Sft { eval, .. } => eval.len(),
+            Self::Dpo { eval, .. } => eval.len(),
+        }
+    }
+
+    fn micro_batch(&self, indices: &[usize], pad: u32, device: &Device) -> Result<MicroBatch> {
+        Ok(match self {
+            Self::Sft { train, .. } => {
+                let refs: Vec<&Example> = indices.iter().map(|&i| &train[i]).collect();
+                MicroBatch::Sft(make_batch(&refs, pad, device)?)
+            }
+            Self::Dpo { train, .. } => {
+                let refs: Vec<&PreferencePair> = indices.iter().map(|&i| &train[i]).collect();
+                MicroBatch::Dpo(make_pair_batch(&refs, pad, device)?)
+            }
+        })
+    }
+}
+
+/// One micro-batch of either kind.
+enum MicroBatch {
+    Sft(Batch),
+    Dpo(PairBatch),
+}
+
+impl MicroBatch {
+    /// What the step's loss is averaged over: target tokens, or pairs.
+    fn weight(&self) -> usize {
+        match self {
+            Self::Sft(b) => b.target_count,
+            Self::Dpo(pb) => pb.pairs,
+        }
+    }
+
+    /// Non-padding input tokens.
+    fn tokens(&self) -> usize {
+        match self {
+            Self::Sft(b) => b.token_count,
+            Self::Dpo(pb) => pb.batch.token_count,
+        }
+    }
+}
+
 /// A loaded model, tokenizer and datasets, ready to train.
 #[derive(Debug)]
 pub struct Prepared {
@@ -281,10 +424,30 @@ pub struct Prepared {
     pub model: Llama,
     /// The tokenizer.
     pub tokenizer: TextTokenizer,
-    /// Training examples.
-    pub train: Vec<Example>,
-    /// Eval examples (possibly none).
-    pub eval: Vec<Example>,
+    /// The data.
+    pub data: Data,
+}
+
+/// The eval loss under `pass` (mean per target token, or DPO's mean per pair) and, for
+/// DPO, its figures; `None` for an empty eval set.
+fn eval_under(
+    model: &Llama,
+    data: &Data,
+    opts: &TrainOptions,
+    pad: u32,
+    pass: Pass,
+) -> Result<(Option<f64>, Option<DpoStats>)> {
+    match (data, opts.method) {
+        (Data::Sft { eval, .. }, _) => {
+            Ok((mean_eval(model, eval, opts.batch_size, pad, pass)?, None))
+        }
+        (Data::Dpo { eval, .. }, _) if eval.is_empty() => Ok((None, None)),
+        (Data::Dpo { eval, .. }, MethodOptions::Dpo(settings)) => {
+            let stats = evaluate_dpo(model, eval, opts.batch_size, pad, pass, settings)?;
+            Ok((Some(stats.mean_loss()), Some(stats)))
+        }
+        (Data::Dpo { .. }, _) => Err(Error::invalid("preference data needs method dpo")),
+    }
 }
 
 /// Loads and validates everything before the first step.
@@ -318,18 +481,37 @@ pub fn prepare(opts: &TrainOptions, device: &Device) -> Result<Prepared> {
             model.config.vocab_size
         )));
     }
-    let all = load_dataset(
-        &opts.train_file,
-        opts.format,
-        &tokenizer,
-        opts.max_seq_length,
-    )?;
-    let (train, eval) = match &opts.eval_file {
-        Some(path) => (
-            all,
-            load_dataset(path, opts.format, &tokenizer, opts.max_seq_length)?,
-        ),
-        None => split_eval(all, opts.eval_split_percent, opts.seed)?,
+    let is_dpo = matches!(opts.method, MethodOptions::Dpo(_));
+    if is_dpo != (opts.format == DatasetFormat::Preference) {
+        return Err(Error::invalid(
+            "method dpo needs datasetFormat preference, and preference data needs method dpo",
+        ));
+    }
+    let data = if is_dpo {
+        let all = load_preferences(&opts.train_file, &tokenizer, opts.max_seq_length)?;
+        let (train, eval) = match &opts.eval_file {
+            Some(path) => (
+                all,
+                load_preferences(path, &tokenizer, opts.max_seq_length)?,
+            ),
+            None => split_eval(all, opts.eval_split_percent, opts.seed)?,
+        };
+        Data::Dpo { train, eval }
+    } else {
+        let all = load_dataset(
+            &opts.train_file,
+            opts.format,
+            &tokenizer,
+            opts.max_seq_length,
+        )?;
+        let (train, eval) = match &opts.eval_file {
+            Some(path) => (
+                all,
+                load_dataset(path, opts.format, &tokenizer, opts.max_seq_length)?,
+            ),
+            None => split_eval(all, opts.eval_split_percent, opts.seed)?,
+        };
+        Data::Sft { train, eval }
     };
     model.add_lora(
         opts.lora.clone(),
@@ -338,8 +520,7 @@ pub fn prepare(opts: &TrainOptions, device: &Device) -> Result<Prepared> {
     Ok(Prepared {
         model,
         tokenizer,
-        train,
-        eval,
+        data,
     })
 }
 
@@ -368,11 +549,11 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
     let Prepared {
         model,
         tokenizer,
-        train,
-        eval,
+        data,
     } = prepare(opts, device)?;
     let pad = tokenizer.pad_id;
-    let batches_per_epoch = train.len().div_ceil(opts.batch_size) as u64;
+    let n_train = data.train_len();
+    let batches_per_epoch = n_train.div_ceil(opts.batch_size) as u64;
     let accum = opts.grad_accum as u64;
     let (total_steps, total_micro) = match opts.max_steps {
         Some(steps) => (steps, steps * accum),
@@ -381,7 +562,7 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
             (micro.div_ceil(accum), micro)
         }
     };
-    let print = fingerprint(opts, train.len(), total_steps);
+    let print = fingerprint(opts, n_train, total_steps);
     let params_named = model.lora_params();
     let params: Vec<&Var> = params_named.iter().map(|(_, v)| *v).collect();
     let mut optimizer = AdamW::new(
@@ -401,7 +582,7 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         }
         None => {
             update(&control.progress, |p| p.phase = "evaluating".into());
-            let base_eval_loss = mean_eval(&model, &eval, opts.batch_size, pad, Pass::BASE)?;
+            let (base_eval_loss, _) = eval_under(&model, &data, opts, pad, Pass::BASE)?;
             tracing::info!(base_eval_loss, "evaluated the base model");
             TrainerState {
                 step: 0,
@@ -426,6 +607,7 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
     let train_started = Instant::now();
     let mut attempt_tokens = 0u64;
     let mut order_cache: Option<(u64, Vec<usize>)> = None;
+    let mut last_metrics = BTreeMap::new();
     while state.step < total_steps {
         // This step's micro-batches.
         let mut batches = Vec::with_capacity(opts.grad_accum);
@@ -438,21 +620,18 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
             let epoch = m / batches_per_epoch;
             let index = (m % batches_per_epoch) as usize;
             if order_cache.as_ref().map(|(e, _)| *e) != Some(epoch) {
-                order_cache = Some((epoch, epoch_order(train.len(), opts.seed, epoch)));
+                order_cache = Some((epoch, epoch_order(n_train, opts.seed, epoch)));
             }
             let order = &order_cache.as_ref().expect("order was just cached").1;
-            let end = ((index + 1) * opts.batch_size).min(train.len());
-            let refs: Vec<&Example> = order[index * opts.batch_size..end]
-                .iter()
-                .map(|&i| &train[i])
-                .collect();
-            batches.push(make_batch(&refs, pad, device)?);
+            let end = ((index + 1) * opts.batch_size).min(n_train);
+            batches.push(data.micro_batch(&order[index * opts.batch_size..end], pad, device)?);
             micro_indices.push(m);
         }
-        let targets: usize = batches.iter().map(|b| b.target_count).sum();
-        let scale = 1.0 / targets.max(1) as f64;
+        let weight: usize = batches.iter().map(MicroBatch::weight).sum();
+        let scale = 1.0 / weight.max(1) as f64;
         let mut loss_sum = 0.0;
         let mut grads: Option<Vec<Tensor>> = None;
+        let mut dpo_stats = DpoStats::default();
         // Dropout masks of this step derive from the run's generator, which the
         // checkpoint stores, and from the micro-batch's position in the stream.
         let dropout_seed = state.rng.next_u64();
@@ -464,7 +643,27 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
                     micro_batch: m,
                 }),
             };
-            let (loss, g) = forward_backward(&model, batch, &params, scale, pass, opts.recompute)?;
+            let (loss, g) = match (batch, opts.method) {
+                (MicroBatch::Sft(b), _) => {
+                    forward_backward(&model, b, &params, scale, pass, opts.recompute)?
+                }
+                (MicroBatch::Dpo(pb), MethodOptions::Dpo(settings)) => {
+                    let (loss, g, stats) = dpo_forward_backward(
+                        &model,
+                        pb,
+                        &params,
+                        scale,
+                        pass,
+                        opts.recompute,
+                        settings,
+                    )?;
+                    dpo_stats.add(&stats);
+                    (loss, g)
+                }
+                (MicroBatch::Dpo(_), _) => {
+                    return Err(Error::invalid("preference data needs method dpo"));
+                }
+            };
             loss_sum += loss;
             grads = Some(match grads {
                 None => g,
@@ -474,8 +673,8 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
                     .map(|(a, b)| Ok((a + b)?))
                     .collect::<Result<Vec<_>>>()?,
             });
-            attempt_tokens += batch.token_count as u64;
-            state.tokens_seen += batch.token_count as u64;
+            attempt_tokens += batch.tokens() as u64;
+            state.tokens_seen += batch.tokens() as u64;
         }
         let mut grads = grads.expect("a step has at least one micro-batch");
         let grad_norm = clip_grad_norm(&mut grads, opts.max_grad_norm)?;
@@ -491,6 +690,11 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         state.micro_batch += micro_indices.len() as u64;
         let loss = loss_sum * scale;
         state.loss_history.push(loss);
+        let step_metrics = if dpo_stats.pairs > 0 {
+            dpo_stats.metrics()
+        } else {
+            BTreeMap::new()
+        };
 
         let elapsed = train_started.elapsed().as_secs_f64();
         let tps = attempt_tokens as f64 / elapsed.max(1e-9);
@@ -505,15 +709,19 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
             grad_norm,
             epoch,
             tokens_per_second = tps,
+            metrics = ?step_metrics,
             "step"
         );
         update(&control.progress, |p| {
             p.step = state.step;
             p.loss = Some(loss);
+            p.metrics = step_metrics.clone();
             p.epoch = epoch;
             p.tokens_per_second = tps;
             p.eta_seconds = Some(eta);
         });
+
+        last_metrics = step_metrics;
 
         let stop =
             control.stop.load(Ordering::SeqCst) || opts.interrupt_after_step == Some(state.step);
@@ -533,7 +741,13 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
     }
 
     update(&control.progress, |p| p.phase = "evaluating".into());
-    let eval_loss = mean_eval(&model, &eval, opts.batch_size, pad, Pass::EVAL)?;
+    let (eval_loss, eval_dpo) = eval_under(&model, &data, opts, pad, Pass::EVAL)?;
+    let mut metrics = last_metrics;
+    if let Some(stats) = eval_dpo {
+        for (key, value) in stats.metrics() {
+            metrics.insert(format!("eval_{key}"), value);
+        }
+    }
     tracing::info!(
         eval_loss,
         base_eval_loss = state.base_eval_loss,
@@ -542,13 +756,14 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
     update(&control.progress, |p| {
         p.phase = "saving".into();
         p.eval_loss = eval_loss;
+        p.metrics = metrics.clone();
     });
     let adapter = save_adapter(&model, &opts.output_dir, opts.base_model_name.as_deref())?;
     let elapsed = train_started.elapsed().as_secs_f64();
     let summary = RunSummary {
         steps: state.step,
-        train_examples: train.len(),
-        eval_examples: eval.len(),
+        train_examples: n_train,
+        eval_examples: data.eval_len(),
         loss_history: state.loss_history.clone(),
         base_eval_loss: state.base_eval_loss,
         eval_loss,
@@ -557,6 +772,7 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         duration_seconds: started.elapsed().as_secs_f64(),
         resumed_from_step,
         adapter,
+        metrics,
     };
     let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
     write_atomic(&opts.output_dir.join("metrics.json"), &json)?;

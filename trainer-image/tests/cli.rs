@@ -283,3 +283,37 @@ fn sigterm_during_training_checkpoints_and_exits_with_a_retryable_code() {
     assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
     assert!(!termination_log(dir.path()).contains("adapterSha256"));
 }
+
+#[test]
+fn a_bad_preference_line_in_a_dpo_run_exits_2_naming_the_file_and_line() {
+    let dir = setup();
+    let good = serde_json::json!({"prompt": "a", "chosen": "b", "rejected": "c"}).to_string();
+    std::fs::write(
+        dir.path().join("prefs.jsonl"),
+        format!("{good}\n{good}\n{{\"prompt\": \"a\", \"chosen\": \"b\"}}\n"),
+    )
+    .expect("write");
+    let (model, data, out) = (
+        path(dir.path(), "model"),
+        path(dir.path(), "prefs.jsonl"),
+        path(dir.path(), "out"),
+    );
+    let mut args = train_args(&model, &data, &out);
+    args.extend(["--method", "dpo", "--format", "preference"]);
+    let output = trainer(dir.path(), &args);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let log = termination_log(dir.path());
+    assert!(log.contains("prefs.jsonl:3:"), "termination log: {log}");
+    // DPO with SFT data is refused the same way.
+    let chat = path(dir.path(), "train.jsonl");
+    let mut args = train_args(&model, &chat, &out);
+    args.extend(["--method", "dpo"]);
+    let output = trainer(dir.path(), &args);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(termination_log(dir.path()).contains("preference"));
+}

@@ -3,7 +3,7 @@
 
 use kubetune_crds::training::DatasetFormat;
 use kubetune_trainer::config::ModelConfig;
-use kubetune_trainer::data::{Example, Message, load_dataset};
+use kubetune_trainer::data::{Example, Message, load_dataset, load_preferences};
 use kubetune_trainer::error::Error;
 use kubetune_trainer::test_support::{TinyLlama, write_jsonl};
 use kubetune_trainer::tokenizer::TextTokenizer;
@@ -107,4 +107,92 @@ fn a_line_missing_the_format_fields_is_reported_with_its_line_number() {
     );
     assert!(err.is_invalid_input());
     assert!(err.to_string().contains("instr.jsonl:2:"), "{err}");
+}
+
+#[test]
+fn preference_pairs_target_only_the_completions_in_string_and_chat_forms() {
+    let (dir, tokenizer) = tokenizer();
+    let path = dir.path().join("prefs.jsonl");
+    write_jsonl(
+        &path,
+        &[
+            serde_json::json!({"prompt": "Say hi.", "chosen": " hello", "rejected": " go away"}),
+            serde_json::json!({
+                "prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi?"}],
+                "chosen": [{"role": "assistant", "content": "Hello!"}],
+                "rejected": "Leave."
+            }),
+            serde_json::json!({"prompt": "Hi?", "chosen": [{"role": "assistant", "content": "Hey"}], "rejected": [{"role": "assistant", "content": "No"}]}),
+        ],
+    )
+    .expect("write");
+    let pairs = load_preferences(&path, &tokenizer, 256).expect("pairs");
+    assert_eq!(pairs.len(), 3);
+    // Plain strings: prompt without loss, completion and EOS with loss.
+    assert_eq!(
+        target_text(&tokenizer, &pairs[0].chosen),
+        " hello<|im_end|>"
+    );
+    assert_eq!(
+        target_text(&tokenizer, &pairs[0].rejected),
+        " go away<|im_end|>"
+    );
+    // Chat: the prompt's turns are context; only the completion's assistant turn learns.
+    assert_eq!(
+        target_text(&tokenizer, &pairs[1].chosen),
+        "Hello!<|im_end|>\n"
+    );
+    assert_eq!(
+        target_text(&tokenizer, &pairs[1].rejected),
+        "Leave.<|im_end|>\n"
+    );
+    let rendered = tokenizer.decode(&pairs[1].chosen.tokens).expect("decode");
+    assert!(
+        rendered.starts_with("<|im_start|>system\nBe kind.<|im_end|>"),
+        "{rendered}"
+    );
+    // A string prompt next to chat completions becomes a user message.
+    let rendered = tokenizer.decode(&pairs[2].rejected.tokens).expect("decode");
+    assert!(
+        rendered.starts_with("<|im_start|>user\nHi?<|im_end|>"),
+        "{rendered}"
+    );
+    assert_eq!(
+        target_text(&tokenizer, &pairs[2].rejected),
+        "No<|im_end|>\n"
+    );
+}
+
+#[test]
+fn bad_preference_lines_name_the_file_and_line() {
+    let (dir, tokenizer) = tokenizer();
+    let path = dir.path().join("prefs.jsonl");
+    let good = serde_json::json!({"prompt": "a", "chosen": "b", "rejected": "c"});
+    for (bad, why) in [
+        (
+            serde_json::json!({"prompt": "a", "chosen": "b"}),
+            "rejected",
+        ),
+        (
+            serde_json::json!({"prompt": "a", "chosen": 3, "rejected": "c"}),
+            "preference example",
+        ),
+        (
+            serde_json::json!({"prompt": "a", "chosen": [{"role": "user", "content": "b"}], "rejected": "c"}),
+            "chosen has no assistant message",
+        ),
+    ] {
+        write_jsonl(&path, &[good.clone(), good.clone(), bad]).expect("write");
+        let err = load_preferences(&path, &tokenizer, 64).expect_err("bad line");
+        assert!(
+            matches!(err, Error::BadDatasetLine { line: 3, .. }),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("prefs.jsonl:3:") && text.contains(why),
+            "{text}"
+        );
+        assert!(err.is_invalid_input());
+    }
 }

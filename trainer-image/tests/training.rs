@@ -5,10 +5,16 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use kubetune_crds::training::{DatasetFormat, Scheduler, TargetModule};
+use kubetune_trainer::adapter::load_adapter;
 use kubetune_trainer::adapter::sha256_hex;
+use kubetune_trainer::config::ModelConfig;
+use kubetune_trainer::data::load_preferences;
+use kubetune_trainer::dpo::{DpoSettings, preference_accuracy};
 use kubetune_trainer::error::Error;
 use kubetune_trainer::lora::LoraSettings;
+use kubetune_trainer::model::{Llama, Pass};
 use kubetune_trainer::test_support::{TinyLlama, max_abs_diff, memorisable_chats, write_jsonl};
+use kubetune_trainer::tokenizer::TextTokenizer;
 use kubetune_trainer::train::{Control, MethodOptions, TrainOptions, train};
 
 fn options(root: &Path, out: &str) -> TrainOptions {
@@ -112,6 +118,94 @@ fn qlora_on_an_nf4_base_cuts_the_training_loss_and_writes_a_plain_peft_adapter()
             .keys()
             .all(|k| k.contains(".lora_A.") || k.contains(".lora_B."))
     );
+}
+
+/// Preference pairs a tiny model can learn to separate: the chosen answer is always
+/// the animal's sound, the rejected one a colour, for prompts that differ.
+fn separable_preferences(n: usize) -> Vec<serde_json::Value> {
+    let animals = [
+        ("cat", "meow"),
+        ("dog", "woof"),
+        ("cow", "moo"),
+        ("duck", "quack"),
+    ];
+    let colours = ["red", "blue", "green", "grey"];
+    (0..n)
+        .map(|i| {
+            let (animal, sound) = animals[i % animals.len()];
+            serde_json::json!({
+                "prompt": [{"role": "user", "content": format!("What does the {animal} say? ({i})")}],
+                "chosen": [{"role": "assistant", "content": sound}],
+                "rejected": [{"role": "assistant", "content": colours[(i / 4 + i) % 4]}],
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn dpo_raises_preference_accuracy_on_a_separable_set_and_reports_rewards() {
+    let dir = setup(4);
+    write_jsonl(&dir.path().join("prefs.jsonl"), &separable_preferences(16)).expect("data");
+    let mut opts = options(dir.path(), "dpo");
+    opts.method = MethodOptions::Dpo(DpoSettings {
+        beta: 0.1,
+        label_smoothing: 0.0,
+    });
+    opts.format = DatasetFormat::Preference;
+    opts.train_file = dir.path().join("prefs.jsonl");
+    opts.eval_file = Some(dir.path().join("prefs.jsonl"));
+    opts.max_steps = Some(40);
+    opts.learning_rate = 5e-3;
+    opts.batch_size = 4;
+
+    let config = ModelConfig::load(&opts.model_dir).expect("config");
+    let tokenizer = TextTokenizer::load(&opts.model_dir, &config).expect("tokenizer");
+    let pairs = load_preferences(&opts.train_file, &tokenizer, 64).expect("pairs");
+    let base = Llama::load(&opts.model_dir, &Device::Cpu).expect("model");
+    let before = preference_accuracy(&base, &pairs, 4, tokenizer.pad_id, Pass::BASE).expect("acc");
+
+    let control = Control::default();
+    let summary = train(&opts, &Device::Cpu, &control).expect("train");
+    let (first, last) = (summary.loss_history[0], summary.loss_history[39]);
+    println!(
+        "dpo loss {first:.4} -> {last:.4}, metrics {:?}",
+        summary.metrics
+    );
+    // The first step's policy is the reference: every pair's loss is ln 2.
+    assert!((first - std::f64::consts::LN_2).abs() < 1e-5, "{first}");
+    assert!(last < 0.3, "loss fell only to {last}");
+    assert!((summary.base_eval_loss.expect("base") - std::f64::consts::LN_2).abs() < 1e-5);
+    assert!(summary.eval_loss.expect("eval") < 0.3);
+    let m = &summary.metrics;
+    assert_eq!(m["eval_accuracy"], 1.0, "{m:?}");
+    assert!(
+        m["eval_rewards/chosen"] > 0.0 && m["eval_rewards/rejected"] < 0.0,
+        "{m:?}"
+    );
+    assert!(
+        (m["eval_margin"] - (m["eval_rewards/chosen"] - m["eval_rewards/rejected"])).abs() < 1e-9
+    );
+    for key in ["rewards/chosen", "rewards/rejected", "accuracy", "margin"] {
+        assert!(m.contains_key(key), "{key} missing from {m:?}");
+    }
+    // The progress JSON carries the same figures for the operator.
+    let progress = serde_json::to_value(&*control.progress.lock().expect("lock")).expect("json");
+    assert!(
+        progress["metrics"]["eval_accuracy"].as_f64() == Some(1.0),
+        "{progress}"
+    );
+
+    // The tuned policy itself now prefers every chosen answer.
+    let mut tuned = Llama::load(&opts.model_dir, &Device::Cpu).expect("model");
+    let (settings, adapter) = load_adapter(&dir.path().join("dpo"), &Device::Cpu).expect("adapter");
+    tuned.set_lora(settings, adapter).expect("set");
+    let after = preference_accuracy(&tuned, &pairs, 4, tokenizer.pad_id, Pass::EVAL).expect("acc");
+    println!("preference accuracy {before:.2} -> {after:.2}");
+    assert!(
+        before < 0.9,
+        "the base model already separates the set ({before})"
+    );
+    assert_eq!(after, 1.0);
 }
 
 #[test]
