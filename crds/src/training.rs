@@ -489,6 +489,8 @@ mod tests {
 /// is mounted, which environment variables carry each pod's place in the gang, where
 /// progress is served, and what exit codes mean. Both sides use these constants.
 pub mod contract {
+    use serde::{Deserialize, Serialize};
+
     /// Where the rendered [`TrainerConfig`](super::TrainerConfig) is mounted, as JSON.
     pub const CONFIG_PATH: &str = "/etc/kubetune/trainer.json";
     /// The pod's rank, 0 to world size − 1 (rank 0 hosts the rendezvous and reports
@@ -513,4 +515,49 @@ pub mod contract {
     /// model): retrying cannot help, so the job fails at once with the trainer's message.
     /// Every other non-zero code is retryable.
     pub const EXIT_INVALID_INPUT: i32 = 2;
+
+    /// `GET /progress` on [`PROGRESS_PORT`]: rank 0's progress, read by the operator at
+    /// a bounded rate into `status.progress`. Fields the trainer does not know yet are
+    /// absent; unknown fields are ignored, so either side can grow first.
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase", default)]
+    pub struct ProgressReport {
+        /// `loading`, `evaluating`, `training`, `saving` or `done`.
+        pub phase: String,
+        /// Completed optimizer steps.
+        pub step: u64,
+        /// Steps the run will take.
+        pub total_steps: u64,
+        /// Fractional epochs completed.
+        pub epoch: f64,
+        /// Mean training loss of the last step.
+        pub loss: Option<f64>,
+        /// Eval loss of the tuned model (after training).
+        pub eval_loss: Option<f64>,
+        /// Eval loss of the base model (before training).
+        pub base_eval_loss: Option<f64>,
+        /// Training throughput of this attempt, tokens per second across all ranks.
+        pub tokens_per_second: f64,
+        /// Estimated seconds to the end of training.
+        pub eta_seconds: Option<f64>,
+        /// Method-specific figures, such as DPO's `rewards/chosen` or `accuracy`.
+        pub metrics: std::collections::BTreeMap<String, f64>,
+    }
+
+    /// What a successful trainer writes to its termination log: one JSON object the
+    /// operator turns into `status.evaluation` and `status.artifact`.
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase", default)]
+    pub struct TrainerResult {
+        /// SHA-256 of the weights written (the adapter file, or the model index).
+        pub adapter_sha256: String,
+        /// Their size in bytes.
+        pub adapter_size_bytes: u64,
+        /// Eval loss of the base model on the held-out set.
+        pub base_eval_loss: Option<f64>,
+        /// Eval loss of the result on the held-out set.
+        pub eval_loss: Option<f64>,
+        /// Optimizer steps taken.
+        pub steps: u64,
+    }
 }

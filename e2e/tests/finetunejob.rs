@@ -38,11 +38,12 @@ fn start_operator(cluster: &Cluster, namespace: &TestNamespace) -> Operator {
     let settings = Settings {
         trainer_image: "kubetune/trainer:e2e".into(),
         resync: Duration::from_secs(30),
+        progress_interval: Duration::from_secs(2),
     };
     let metrics = Arc::new(Metrics::register(&mut Default::default()));
     Operator(tokio::spawn(controller::run(
         cluster.client.clone(),
-        Some(namespace.name.clone()),
+        vec![namespace.name.clone()],
         settings,
         metrics,
     )))
@@ -182,7 +183,9 @@ async fn lora_job_runs_one_trainer_pod_on_an_a100_node_and_succeeds() -> Result<
     let namespace = namespace(&cluster, "ftj-lora", &["models", "datasets", "adapters"]).await?;
     let _operator = start_operator(&cluster, &namespace);
     let ftjs: Api<FineTuneJob> = namespace.api();
-    let ftj = example("lora-a100.yaml", &[("run-for", "2s")])?;
+    // What the real trainer writes to its termination log when it succeeds.
+    let result = r#"{"adapterSha256":"5f2b0c","adapterSizeBytes":73728,"baseEvalLoss":2.4,"evalLoss":1.8,"steps":120}"#;
+    let ftj = example("lora-a100.yaml", &[("run-for", "2s"), ("message", result)])?;
     ftjs.create(&PostParams::default(), &ftj).await?;
 
     let done = wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
@@ -190,6 +193,18 @@ async fn lora_job_runs_one_trainer_pod_on_an_a100_node_and_succeeds() -> Result<
     })
     .await?;
     let status = done.status.as_ref().context("status")?;
+    let artifact = status
+        .artifact
+        .as_ref()
+        .context("the artifact is in status")?;
+    assert_eq!(artifact.sha256, "5f2b0c");
+    assert_eq!(artifact.size_bytes, 73728);
+    assert_eq!(artifact.claim_name, ftj.spec.output.volume.claim_name);
+    let evaluation = status.evaluation.as_ref().context("evaluation")?;
+    assert_eq!(evaluation.improvement.as_deref(), Some("0.2500"));
+    assert_eq!(status.progress.as_ref().map(|p| p.percent), Some(100));
+    let children = status.children.as_ref().context("children")?;
+    assert_eq!(children.job.as_deref(), Some("support-lora-a1"));
     assert_eq!(status.attempts.len(), 1);
     assert_eq!(status.restarts, 0);
     assert!(status.start_time.is_some() && status.completion_time.is_some());
@@ -542,4 +557,93 @@ fn condition_is(
     conditions
         .iter()
         .any(|c| c.type_ == type_ && c.status == status)
+}
+
+/// Serves `GET /progress` at `ip`, the way the trainer does: the step moves for the first
+/// `moving` reads and then stays, like a trainer that hangs.
+async fn serve_progress(ip: &str, moving: u64) -> Result<tokio::task::JoinHandle<()>> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let reads = Arc::new(AtomicU64::new(0));
+    let app = axum::Router::new().route(
+        "/progress",
+        axum::routing::get(move || {
+            let reads = reads.clone();
+            async move {
+                let step = reads.fetch_add(1, Ordering::Relaxed).min(moving) + 1;
+                axum::Json(json!({
+                    "phase": "training", "step": step, "totalSteps": 200, "epoch": 0.5,
+                    "loss": 1.75, "baseEvalLoss": 2.25, "tokensPerSecond": 1500.0,
+                    "etaSeconds": 600.0,
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind((ip, 8080))
+        .await
+        .with_context(|| format!("failed to listen on the pod's IP {ip}:8080"))?;
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    }))
+}
+
+#[tokio::test]
+async fn progress_is_read_from_rank_zero_and_a_stalled_trainer_is_restarted() -> Result<()> {
+    let cluster =
+        cluster_or_skip!("progress_is_read_from_rank_zero_and_a_stalled_trainer_is_restarted");
+    let namespace = namespace(
+        &cluster,
+        "ftj-progress",
+        &["models", "datasets", "adapters"],
+    )
+    .await?;
+    let _operator = start_operator(&cluster, &namespace);
+    let ftjs: Api<FineTuneJob> = namespace.api();
+    let mut ftj = example("lora-a100.yaml", &[("outcome", "run")])?;
+    ftj.spec.stall_timeout_seconds = 60;
+    ftjs.create(&PostParams::default(), &ftj).await?;
+    wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
+        phase(f) == Phase::Running
+    })
+    .await?;
+
+    // The simulated pod's IP is a loopback address: serve its progress from here.
+    let pods = pods_of(&namespace, "support-lora-a1").await?;
+    let ip = pods
+        .first()
+        .and_then(|p| p.status.as_ref()?.pod_ip.clone())
+        .context("the trainer pod has an IP")?;
+    let _server = serve_progress(&ip, 3).await?;
+
+    let progressing = wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
+        f.status
+            .as_ref()
+            .and_then(|s| s.progress.as_ref())
+            .is_some_and(|p| p.step >= 2)
+    })
+    .await?;
+    let status = progressing.status.as_ref().context("status")?;
+    let progress = status.progress.as_ref().context("progress")?;
+    assert_eq!(progress.total_steps, 200);
+    assert_eq!(progress.tokens_per_second, Some(1500));
+    assert_eq!(progress.loss.as_deref(), Some("1.7500"));
+    assert_eq!(
+        status
+            .evaluation
+            .as_ref()
+            .and_then(|e| e.base_eval_loss.as_deref()),
+        Some("2.2500")
+    );
+
+    // The step stops at 4: after the stall timeout the trainer is restarted.
+    let restarted = wait_for(&ftjs, "support-lora", Duration::from_secs(150), |f| {
+        f.status.as_ref().is_some_and(|s| s.attempts.len() >= 2)
+    })
+    .await?;
+    let status = restarted.status.as_ref().context("status")?;
+    assert_eq!(status.attempts[0].reason.as_deref(), Some("Stalled"));
+    assert_eq!(status.restarts, 1);
+    let stalled = condition(&restarted, "Stalled").context("a Stalled condition")?;
+    assert!(stalled.message.contains("step 4"), "{}", stalled.message);
+    Ok(())
 }

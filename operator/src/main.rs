@@ -36,9 +36,9 @@ struct Flags {
     )]
     trainer_image: String,
 
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "KUBETUNE_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch only these namespaces, comma-separated or repeated (default: all).
+    #[arg(long = "namespace", env = "KUBETUNE_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
 
     /// Where /healthz, /readyz and /metrics are served.
     #[arg(long, env = "KUBETUNE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
@@ -47,6 +47,12 @@ struct Flags {
     /// Seconds between resyncs of a job nothing happens to.
     #[arg(long, env = "KUBETUNE_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
+
+    /// Least seconds between two reads of a running trainer's progress, and so between
+    /// two status writes of a job that only makes progress.
+    #[arg(long, env = "KUBETUNE_PROGRESS_INTERVAL_SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    progress_interval_seconds: u64,
 
     /// Elect a leader through a Lease so that only one replica reconciles.
     #[arg(long, env = "KUBETUNE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
@@ -95,8 +101,9 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings {
         trainer_image: flags.trainer_image,
         resync: Duration::from_secs(flags.resync_seconds),
+        progress_interval: Duration::from_secs(flags.progress_interval_seconds),
     };
-    let controllers = controller::run(client.clone(), flags.namespace, settings, metrics);
+    let controllers = controller::run(client.clone(), flags.namespaces, settings, metrics);
     let work = async {
         if flags.leader_elect {
             let identity = flags

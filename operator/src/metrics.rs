@@ -8,8 +8,11 @@ use std::time::Instant;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use kubetune_crds::Phase;
 
 /// Labels of a reconcile.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -27,6 +30,23 @@ pub struct FailureLabels {
     pub category: &'static str,
 }
 
+/// Labels of the jobs-by-phase gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    /// The phase, as in `status.phase`.
+    pub phase: &'static str,
+}
+
+/// Every phase, so that a phase with no jobs reads 0 rather than vanishing.
+const PHASES: [Phase; 6] = [
+    Phase::Pending,
+    Phase::Admitted,
+    Phase::Running,
+    Phase::Succeeded,
+    Phase::Failed,
+    Phase::Suspended,
+];
+
 /// Every metric the operator exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -36,6 +56,10 @@ pub struct Metrics {
     pub failures: Family<FailureLabels, Counter>,
     /// Reconcile duration in seconds.
     pub duration: Family<ControllerLabels, Histogram>,
+    /// FineTuneJobs by phase.
+    pub jobs: Family<PhaseLabels, Gauge>,
+    /// Reads of trainer progress that failed (the trainer did not answer).
+    pub progress_read_failures: Counter,
 }
 
 impl Metrics {
@@ -47,6 +71,8 @@ impl Metrics {
             duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.001, 2.0, 14))
             }),
+            jobs: Family::default(),
+            progress_read_failures: Counter::default(),
         };
         let registry = registry.sub_registry_with_prefix("kubetune");
         registry.register("reconciles", "Reconciles run", metrics.reconciles.clone());
@@ -60,7 +86,34 @@ impl Metrics {
             "Time one reconcile took",
             metrics.duration.clone(),
         );
+        registry.register(
+            "finetunejobs",
+            "FineTuneJobs by phase",
+            metrics.jobs.clone(),
+        );
+        registry.register(
+            "progress_read_failures",
+            "Reads of trainer progress that failed",
+            metrics.progress_read_failures.clone(),
+        );
         metrics
+    }
+
+    /// Sets the jobs-by-phase gauge from the phases of every job.
+    pub fn set_jobs_by_phase(&self, phases: impl IntoIterator<Item = Phase>) {
+        let mut counts = [0i64; PHASES.len()];
+        for phase in phases {
+            if let Some(i) = PHASES.iter().position(|p| *p == phase) {
+                counts[i] += 1;
+            }
+        }
+        for (phase, count) in PHASES.iter().zip(counts) {
+            self.jobs
+                .get_or_create(&PhaseLabels {
+                    phase: phase.as_str(),
+                })
+                .set(count);
+        }
     }
 
     /// Counts one reconcile of `controller` that started at `started`.
@@ -114,5 +167,23 @@ mod tests {
                 "kubetune_reconcile_duration_seconds_count{controller=\"finetunejob\"} 2"
             )
         );
+    }
+
+    #[test]
+    fn jobs_are_counted_by_phase_and_empty_phases_read_zero() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        metrics.set_jobs_by_phase([Phase::Running, Phase::Running, Phase::Failed]);
+        metrics.set_jobs_by_phase([Phase::Running, Phase::Succeeded]);
+        let mut text = String::new();
+        encode(&mut text, &registry).expect("metrics encode");
+        for line in [
+            "kubetune_finetunejobs{phase=\"Running\"} 1",
+            "kubetune_finetunejobs{phase=\"Succeeded\"} 1",
+            "kubetune_finetunejobs{phase=\"Failed\"} 0",
+            "kubetune_finetunejobs{phase=\"Pending\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{Future, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
@@ -16,15 +16,16 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use kubetune_crds::FineTuneJob;
-use tracing::{Instrument, info, info_span, warn};
+use kubetune_crds::{FineTuneJob, Phase};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::error::Error;
 use crate::finetunejob::observe;
 use crate::finetunejob::plan::{self, Action, Observed};
+use crate::finetunejob::progress::ProgressReader;
 use crate::finetunejob::render::{self, ATTEMPT_LABEL, AttemptContext, JOB_LABEL};
 use crate::metrics::Metrics;
 use crate::names;
@@ -39,6 +40,9 @@ pub struct Settings {
     pub trainer_image: String,
     /// Periodic resync of a healthy job.
     pub resync: Duration,
+    /// The least time between two reads of a running job's progress (and so between
+    /// two status writes of it).
+    pub progress_interval: Duration,
 }
 
 /// What every reconcile shares.
@@ -47,6 +51,7 @@ pub struct Context {
     recorder: Recorder,
     settings: Settings,
     metrics: Arc<Metrics>,
+    progress: ProgressReader,
 }
 
 impl std::fmt::Debug for Context {
@@ -57,25 +62,14 @@ impl std::fmt::Debug for Context {
     }
 }
 
-/// Runs the controller until the stream ends (on shutdown).
+/// Runs the controller until shutdown: one watch per namespace in `namespaces`, or one
+/// over all namespaces when it is empty.
 pub async fn run(
     client: Client,
-    namespace: Option<String>,
+    namespaces: Vec<String>,
     settings: Settings,
     metrics: Arc<Metrics>,
 ) {
-    let (jobs, ftjs, pods): (Api<Job>, Api<FineTuneJob>, Api<Pod>) = match &namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
-    };
     let context = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),
@@ -84,15 +78,61 @@ pub async fn run(
                 instance: std::env::var("POD_NAME").ok(),
             },
         ),
-        client,
+        progress: ProgressReader::new(settings.progress_interval, Duration::from_secs(2)),
+        client: client.clone(),
         settings,
-        metrics,
+        metrics: metrics.clone(),
     });
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    let (stores, controllers): (Vec<_>, Vec<_>) = scopes
+        .iter()
+        .map(|scope| controller(&client, scope.as_deref(), context.clone()))
+        .unzip();
+    tokio::select! {
+        _ = futures::future::join_all(controllers) => {}
+        () = count_phases(stores, metrics) => {}
+    }
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// One controller over `namespace` (all when `None`), and the store of its jobs.
+fn controller(
+    client: &Client,
+    namespace: Option<&str>,
+    context: Arc<Context>,
+) -> (Store<FineTuneJob>, impl Future<Output = ()> + use<>) {
+    let (reader, writer) = reflector::store();
+    // Status-only changes are the operator's own writes: they trigger nothing, which
+    // keeps reconciles at one per job per progress interval at steady state.
+    let ftjs = watcher(
+        api::<FineTuneJob>(client, namespace),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .applied_objects()
+    .predicate_filter(predicates::generation, Default::default());
     let trainer_pods = watcher::Config::default().labels(JOB_LABEL);
-    Controller::new(ftjs, watcher::Config::default())
-        .owns(jobs, watcher::Config::default().labels(JOB_LABEL))
+    let run = Controller::for_stream(ftjs, reader.clone())
+        .owns(
+            api::<Job>(client, namespace),
+            watcher::Config::default().labels(JOB_LABEL),
+        )
         // A pod's scheduling and start show in the Job late or not at all.
-        .watches(pods, trainer_pods, |pod| {
+        .watches(api::<Pod>(client, namespace), trainer_pods, |pod| {
             let name = pod.labels().get(JOB_LABEL).cloned();
             let namespace = pod.namespace();
             name.map(|name| ObjectRef::new(&name).within(namespace.as_deref().unwrap_or_default()))
@@ -103,8 +143,22 @@ pub async fn run(
             if let Err(error) = result {
                 warn!(%error, "reconcile failed");
             }
-        })
-        .await;
+        });
+    (reader, run)
+}
+
+/// Keeps the jobs-by-phase gauge current from the controllers' caches.
+async fn count_phases(stores: Vec<Store<FineTuneJob>>, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        let phases = stores.iter().flat_map(|store| store.state()).map(|ftj| {
+            ftj.status
+                .as_ref()
+                .map_or(Phase::Pending, |status| status.phase)
+        });
+        metrics.set_jobs_by_phase(phases);
+    }
 }
 
 fn error_policy(_ftj: Arc<FineTuneJob>, error: &Error, _context: Arc<Context>) -> Requeue {
@@ -187,11 +241,17 @@ async fn reconcile_inner(
         None => None,
     };
 
+    let report = match &job {
+        Some(job) => read_progress(ftj, job, context).await,
+        None => None,
+    };
+
     let plan = plan::plan(
         ftj,
         &Observed {
             missing_claims,
             job,
+            report,
         },
         Timestamp::now(),
     );
@@ -231,10 +291,36 @@ async fn reconcile_inner(
         }
     }
 
-    Ok(match plan.requeue_after {
-        Some(after) => Requeue::requeue(after.min(context.settings.resync)),
-        None => Requeue::requeue(context.settings.resync),
-    })
+    // A running trainer is looked at again when its progress is due.
+    let mut after = plan.requeue_after.unwrap_or(context.settings.resync);
+    if plan.status.phase == Phase::Running {
+        after = after.min(context.progress.interval());
+    }
+    Ok(Requeue::requeue(after.min(context.settings.resync)))
+}
+
+/// Reads rank 0's progress when the job is running and due a read. A trainer that does
+/// not answer leaves the last progress in status; the watchdog acts only on what the
+/// trainer itself reports.
+async fn read_progress(
+    ftj: &FineTuneJob,
+    job: &observe::ObservedJob,
+    context: &Context,
+) -> Option<kubetune_crds::training::contract::ProgressReport> {
+    let rank_zero = job.rank_zero().filter(|pod| pod.running)?;
+    let ip = rank_zero.ip.as_deref()?;
+    let uid = ftj.metadata.uid.as_deref()?;
+    if !context.progress.due(uid) {
+        return None;
+    }
+    match context.progress.read(ip).await {
+        Ok(report) => Some(report),
+        Err(error) => {
+            debug!(%error, pod = %rank_zero.name, "progress unavailable");
+            context.metrics.progress_read_failures.inc();
+            None
+        }
+    }
 }
 
 async fn execute(

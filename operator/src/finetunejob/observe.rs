@@ -10,6 +10,9 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kubetune_crds::training::contract;
 
+/// The annotation an Indexed Job puts on each pod: its index, which is its rank.
+pub const COMPLETION_INDEX: &str = "batch.kubernetes.io/job-completion-index";
+
 /// Where the attempt's Job is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JobOutcome {
@@ -28,10 +31,23 @@ pub struct ObservedJob {
     pub name: String,
     /// Whether the Job is suspended.
     pub suspended: bool,
+    /// When the Job controller last started it: creation, or the latest unsuspension
+    /// (by the operator on resume, or by Kueue on admission).
+    pub started: Option<Timestamp>,
     /// Where it is.
     pub outcome: JobOutcome,
     /// Its pods.
     pub pods: Vec<ObservedPod>,
+}
+
+impl ObservedJob {
+    /// Rank 0: the pod that serves progress and writes the result.
+    pub fn rank_zero(&self) -> Option<&ObservedPod> {
+        self.pods
+            .iter()
+            .find(|pod| pod.rank == Some(0))
+            .or_else(|| (self.pods.len() == 1).then(|| &self.pods[0]))
+    }
 }
 
 /// Why a trainer pod failed, in the classes the operator acts on.
@@ -86,6 +102,10 @@ pub struct ObservedPod {
     pub name: String,
     /// The node it is bound to.
     pub node: Option<String>,
+    /// Its rank: the Job's completion index.
+    pub rank: Option<u32>,
+    /// Its IP, once the network is set up.
+    pub ip: Option<String>,
     /// When its trainer container started running, if it did.
     pub running_since: Option<Timestamp>,
     /// Whether it runs now.
@@ -94,6 +114,8 @@ pub struct ObservedPod {
     pub failure: Option<Failure>,
     /// Why it waits, if the scheduler or the kubelet says (Unschedulable, ImagePullFailed).
     pub waiting: Option<(&'static str, String)>,
+    /// The trainer's termination message after it succeeded: its result as JSON.
+    pub result: Option<String>,
 }
 
 /// The facts of a Job that matter to the planner.
@@ -114,6 +136,7 @@ pub fn job(job: &Job, pods: &[Pod]) -> ObservedJob {
     ObservedJob {
         name: job.metadata.name.clone().unwrap_or_default(),
         suspended: job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false),
+        started: status.and_then(|s| s.start_time.as_ref()).map(|t| t.0),
         outcome,
         pods: pods.iter().map(pod).collect(),
     }
@@ -194,13 +217,28 @@ pub fn pod(pod: &Pod) -> ObservedPod {
         None
     };
 
+    let result = (phase == "Succeeded")
+        .then(|| state.and_then(|s| s.terminated.as_ref()))
+        .flatten()
+        .and_then(|t| t.message.clone())
+        .filter(|m| !m.trim().is_empty());
+    let rank = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(COMPLETION_INDEX))
+        .and_then(|index| index.parse().ok());
+
     ObservedPod {
         name: pod.metadata.name.clone().unwrap_or_default(),
         node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        rank,
+        ip: status.and_then(|s| s.pod_ip.clone()),
         running_since,
         running: phase == "Running",
         failure,
         waiting,
+        result,
     }
 }
 

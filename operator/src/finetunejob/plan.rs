@@ -11,10 +11,13 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kubetune_crds::finetunejob::{Attempt, FineTuneJob, FineTuneJobStatus, Phase};
+use kubetune_crds::finetunejob::{Attempt, Children, FineTuneJob, FineTuneJobStatus, Phase};
+use kubetune_crds::training::contract::ProgressReport;
 
 use crate::conditions::{self, Desired};
 use crate::finetunejob::observe::{Failure, FailureClass, JobOutcome, ObservedJob};
+use crate::finetunejob::{progress, render};
+use crate::names;
 
 /// What the reconciler saw, beyond the FineTuneJob itself.
 #[derive(Clone, Debug, Default)]
@@ -23,6 +26,8 @@ pub struct Observed {
     pub missing_claims: Vec<String>,
     /// The current attempt's Job, if it exists.
     pub job: Option<ObservedJob>,
+    /// Rank 0's progress, when it was read for this reconcile.
+    pub report: Option<ProgressReport>,
 }
 
 /// A change the reconciler makes to the cluster.
@@ -134,6 +139,11 @@ impl Planner<'_> {
         self.requeue_after = Some(self.requeue_after.map_or(after, |d| d.min(after)));
     }
 
+    /// Whether a Kueue queue admits the job: its Job's `suspend` is then Kueue's.
+    fn queued(&self) -> bool {
+        self.ftj.spec.scheduling.queue_name.is_some()
+    }
+
     fn set_phase(&mut self, phase: Phase) {
         self.status.phase = phase;
     }
@@ -148,10 +158,18 @@ impl Planner<'_> {
         let suspend = self.ftj.spec.suspend;
         self.actions.push(Action::EnsureAttempt {
             attempt: number,
-            suspend,
+            suspend: suspend || self.queued(),
+        });
+        let name = self.ftj.metadata.name.as_deref().unwrap_or_default();
+        self.status.children = Some(Children {
+            job: Some(names::attempt_job(name, number)),
+            service: render::is_gang(self.ftj).then(|| names::service(name)),
+            config_map: Some(names::config_map(name)),
         });
         self.set_phase(if suspend {
             Phase::Suspended
+        } else if self.queued() {
+            Phase::Pending
         } else {
             Phase::Admitted
         });
@@ -307,13 +325,7 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
         if let Some(ended) = &current.end_time {
             // Between attempts: wait out the backoff, then start the next one.
             if spec.suspend {
-                p.set_phase(Phase::Suspended);
-                p.condition(
-                    "Suspended",
-                    true,
-                    "Suspended",
-                    "spec.suspend is true".into(),
-                );
+                suspended(p);
                 return;
             }
             let ready = plus(ended.0, backoff(p.status.restarts));
@@ -322,21 +334,35 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
             } else {
                 p.requeue(since(p.now, ready));
             }
+        } else if spec.suspend && p.queued() {
+            // Suspended under Kueue: the Job was deleted and comes back on resume.
+            suspended(p);
         } else {
-            // The attempt's Job is gone (deleted by hand, or not created yet): create it.
+            // The attempt's Job is gone (deleted by hand, suspended under Kueue, or not
+            // created yet): create it.
             p.actions.push(Action::EnsureAttempt {
                 attempt: current.number,
-                suspend: spec.suspend,
+                suspend: spec.suspend || p.queued(),
             });
         }
         return;
     };
 
-    if job.suspended != spec.suspend && job.outcome == JobOutcome::Active {
-        p.actions.push(Action::SetSuspend {
-            job: job.name.clone(),
-            suspend: spec.suspend,
-        });
+    if job.outcome == JobOutcome::Active {
+        if p.queued() {
+            // Kueue owns the Job's `suspend`: setting it would fight Kueue's admission.
+            // Suspending deletes the Job (its pods checkpoint in their grace period).
+            if spec.suspend {
+                p.actions.push(Action::DeleteJob {
+                    job: job.name.clone(),
+                });
+            }
+        } else if job.suspended != spec.suspend {
+            p.actions.push(Action::SetSuspend {
+                job: job.name.clone(),
+                suspend: spec.suspend,
+            });
+        }
     }
     if spec.suspend && job.outcome == JobOutcome::Active {
         if p.status.phase != Phase::Suspended {
@@ -346,14 +372,7 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
                 false,
             );
         }
-        p.set_phase(Phase::Suspended);
-        p.condition(
-            "Suspended",
-            true,
-            "Suspended",
-            "spec.suspend is true".into(),
-        );
-        p.condition("Running", false, "Suspended", "spec.suspend is true".into());
+        suspended(p);
         return;
     }
     if p.status.phase == Phase::Suspended {
@@ -373,6 +392,20 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
     let nodes: Vec<String> = job.pods.iter().filter_map(|pod| pod.node.clone()).collect();
     match job.outcome {
         JobOutcome::Complete => {
+            let result = job
+                .rank_zero()
+                .and_then(|pod| pod.result.as_deref())
+                .and_then(progress::parse_result);
+            if let Some(result) = result {
+                p.status.progress = Some(progress::finished(p.status.progress.as_ref(), &result));
+                p.status.evaluation = progress::evaluation(result.base_eval_loss, result.eval_loss);
+                let namespace = p.ftj.metadata.namespace.as_deref().unwrap_or_default();
+                p.status.artifact = progress::artifact(
+                    &result,
+                    &p.ftj.spec.output.volume.claim_name,
+                    &render::output_path(p.ftj, namespace),
+                );
+            }
             p.end_attempt("Succeeded", "", nodes);
             p.finish(Phase::Succeeded, "Succeeded", "the trainer finished".into());
         }
@@ -418,14 +451,59 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
                 }
             }
         }
-        JobOutcome::Active => active(p, job, &current, nodes),
+        JobOutcome::Active => active(p, job, &current, nodes, observed.report.as_ref()),
     }
 }
 
-fn active(p: &mut Planner<'_>, job: &ObservedJob, current: &Attempt, nodes: Vec<String>) {
+/// The job is suspended by its spec.
+fn suspended(p: &mut Planner<'_>) {
+    p.set_phase(Phase::Suspended);
+    p.condition(
+        "Suspended",
+        true,
+        "Suspended",
+        "spec.suspend is true".into(),
+    );
+    p.condition("Running", false, "Suspended", "spec.suspend is true".into());
+}
+
+fn active(
+    p: &mut Planner<'_>,
+    job: &ObservedJob,
+    current: &Attempt,
+    nodes: Vec<String>,
+    report: Option<&ProgressReport>,
+) {
     let spec = &p.ftj.spec;
     let wanted = spec.resources.nodes as usize;
     let running = job.pods.iter().filter(|pod| pod.running).count();
+
+    if let Some(queue) = &spec.scheduling.queue_name {
+        if job.suspended {
+            p.set_phase(Phase::Pending);
+            p.condition(
+                "Admitted",
+                false,
+                "Queued",
+                format!("waiting for Kueue to admit the workload from LocalQueue {queue}"),
+            );
+            p.condition("Running", false, "Queued", format!("queued in {queue}"));
+            return;
+        }
+        p.condition(
+            "Admitted",
+            true,
+            "AdmittedByKueue",
+            format!("Kueue admitted the workload from LocalQueue {queue}"),
+        );
+    } else {
+        p.condition(
+            "Admitted",
+            true,
+            "Created",
+            "the trainer Job is created".into(),
+        );
+    }
 
     if running >= wanted {
         if p.status.phase != Phase::Running {
@@ -436,12 +514,12 @@ fn active(p: &mut Planner<'_>, job: &ObservedJob, current: &Attempt, nodes: Vec<
             );
         }
         p.set_phase(Phase::Running);
+        let first = job.pods.iter().filter_map(|pod| pod.running_since).min();
         if p.status.start_time.is_none() {
-            let first = job.pods.iter().filter_map(|pod| pod.running_since).min();
             p.status.start_time = Some(Time(first.unwrap_or(p.now)));
         }
         if let Some(attempt) = p.status.attempts.last_mut() {
-            attempt.nodes = nodes;
+            attempt.nodes = nodes.clone();
         }
         p.condition(
             "Running",
@@ -449,6 +527,9 @@ fn active(p: &mut Planner<'_>, job: &ObservedJob, current: &Attempt, nodes: Vec<
             "TrainerRunning",
             format!("{running} of {wanted} trainer pods running"),
         );
+        if let Some(report) = report {
+            progress_and_stall(p, job, report, first.unwrap_or(p.now), nodes);
+        }
         return;
     }
 
@@ -464,9 +545,14 @@ fn active(p: &mut Planner<'_>, job: &ObservedJob, current: &Attempt, nodes: Vec<
     p.condition("Running", false, reason, message);
 
     // All or nothing: a gang that is not whole within the timeout releases its GPUs.
+    // The clock runs from the Job's (latest) start: time queued in Kueue or suspended
+    // does not count.
     if wanted > 1 {
         let timeout = Duration::from_secs(u64::from(spec.scheduling.gang_timeout_seconds));
-        let started = current.start_time.as_ref().map_or(p.now, |t| t.0);
+        let started = job
+            .started
+            .or(current.start_time.as_ref().map(|t| t.0))
+            .unwrap_or(p.now);
         let waited = since(started, p.now);
         if waited >= timeout {
             let message = format!(
@@ -477,6 +563,46 @@ fn active(p: &mut Planner<'_>, job: &ObservedJob, current: &Attempt, nodes: Vec<
         } else {
             p.requeue(timeout - waited);
         }
+    }
+}
+
+/// Writes rank 0's fresh report into status, and restarts a trainer whose step has not
+/// moved for `stallTimeoutSeconds` while it says it is training.
+fn progress_and_stall(
+    p: &mut Planner<'_>,
+    job: &ObservedJob,
+    report: &ProgressReport,
+    running_since: Timestamp,
+    nodes: Vec<String>,
+) {
+    let progress = progress::to_status(report, p.status.progress.as_ref(), p.now);
+    if let Some(evaluation) = progress::evaluation(report.base_eval_loss, report.eval_loss) {
+        p.status.evaluation = Some(evaluation);
+    }
+    // A new attempt's clock starts when its pods do, whatever the last step time says.
+    let last_step = progress
+        .last_step_time
+        .as_ref()
+        .map_or(running_since, |t| t.0.max(running_since));
+    p.status.progress = Some(progress);
+
+    let timeout = Duration::from_secs(u64::from(p.ftj.spec.stall_timeout_seconds));
+    let quiet = since(last_step, p.now);
+    if report.phase == "training" && quiet >= timeout {
+        let message = format!(
+            "no new step for {}s (stuck at step {}); restarting from the last checkpoint",
+            quiet.as_secs(),
+            report.step
+        );
+        p.condition("Stalled", true, "NoProgress", message.clone());
+        p.retry_or_fail(&job.name, "Stalled", message, nodes, true);
+    } else {
+        p.condition(
+            "Stalled",
+            false,
+            "Progressing",
+            format!("step {} of {}", report.step, report.total_steps),
+        );
     }
 }
 
@@ -494,10 +620,13 @@ mod tests {
         ObservedPod {
             name: format!("p-{index}"),
             node: Some(format!("node-{index}")),
+            rank: Some(index as u32),
+            ip: Some(format!("10.0.0.{index}")),
             running_since: running.then(|| at(5)),
             running,
             failure,
             waiting: None,
+            result: None,
         }
     }
 
@@ -507,9 +636,11 @@ mod tests {
             job: Some(ObservedJob {
                 name: "support-lora-a1".into(),
                 suspended: false,
+                started: Some(at(0)),
                 outcome,
                 pods,
             }),
+            report: None,
         }
     }
 
@@ -558,7 +689,7 @@ mod tests {
         let ftj = finetunejob_from_example("lora-a100.yaml");
         let observed = Observed {
             missing_claims: vec!["datasets".into()],
-            job: None,
+            ..Observed::default()
         };
         let plan = plan(&ftj, &observed, at(0));
         assert!(plan.actions.is_empty());
@@ -764,5 +895,172 @@ mod tests {
     #[test]
     fn a_clock_that_goes_backwards_counts_no_time() {
         assert_eq!(since(at(10), at(5)), Duration::ZERO);
+    }
+
+    fn training(step: u64) -> ProgressReport {
+        ProgressReport {
+            phase: "training".into(),
+            step,
+            total_steps: 100,
+            base_eval_loss: Some(2.5),
+            tokens_per_second: 900.0,
+            ..ProgressReport::default()
+        }
+    }
+
+    fn running_with(report: Option<ProgressReport>) -> Observed {
+        Observed {
+            report,
+            ..job(JobOutcome::Active, vec![pod(0, true, None)])
+        }
+    }
+
+    #[test]
+    fn progress_reaches_status_and_a_moving_trainer_is_not_stalled() {
+        let ftj = finetunejob_from_example("lora-a100.yaml");
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        let first = plan(&ftj, &running_with(Some(training(10))), at(60));
+        let progress = first.status.progress.clone().expect("progress");
+        assert_eq!((progress.step, progress.percent), (10, 10));
+        assert_eq!(progress.tokens_per_second, Some(900));
+        let evaluation = first.status.evaluation.clone().expect("base eval loss");
+        assert_eq!(evaluation.base_eval_loss.as_deref(), Some("2.5000"));
+        assert!(!conditions::is_true(&first.status.conditions, "Stalled"));
+
+        // No report this time (not due): status keeps what it had.
+        let ftj = with_status(ftj, &first);
+        let quiet = plan(&ftj, &running_with(None), at(90));
+        assert_eq!(quiet.status.progress, first.status.progress);
+        assert!(quiet.actions.is_empty());
+    }
+
+    #[test]
+    fn a_trainer_stuck_on_one_step_is_restarted_as_stalled() {
+        let mut ftj = finetunejob_from_example("lora-a100.yaml");
+        ftj.spec.stall_timeout_seconds = 600;
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        let first = plan(&ftj, &running_with(Some(training(10))), at(60));
+        let ftj = with_status(ftj, &first);
+        let still = plan(&ftj, &running_with(Some(training(10))), at(600));
+        assert!(
+            still.actions.is_empty(),
+            "540 s without a step is not yet a stall"
+        );
+
+        let stuck = plan(&ftj, &running_with(Some(training(10))), at(700));
+        assert_eq!(stuck.actions, delete_attempt_one());
+        assert!(conditions::is_true(&stuck.status.conditions, "Stalled"));
+        assert_eq!(stuck.status.attempts[0].reason.as_deref(), Some("Stalled"));
+        assert_eq!(stuck.status.restarts, 1);
+
+        // A trainer that is evaluating or saving is not stalled by a long pause.
+        let saving = ProgressReport {
+            phase: "saving".into(),
+            ..training(10)
+        };
+        let busy = plan(&ftj, &running_with(Some(saving)), at(700));
+        assert!(busy.actions.is_empty());
+    }
+
+    #[test]
+    fn a_new_attempts_stall_clock_starts_when_its_pods_run() {
+        let mut ftj = finetunejob_from_example("lora-a100.yaml");
+        ftj.spec.stall_timeout_seconds = 600;
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        let ftj = with_status(
+            ftj.clone(),
+            &plan(&ftj, &running_with(Some(training(10))), at(60)),
+        );
+        // The pod runs (again) long after the last step was seen.
+        let mut observed = running_with(Some(training(10)));
+        if let Some(job) = observed.job.as_mut() {
+            job.pods[0].running_since = Some(at(5_000));
+        }
+        let fresh = plan(&ftj, &observed, at(5_100));
+        assert!(fresh.actions.is_empty(), "{:?}", fresh.actions);
+    }
+
+    #[test]
+    fn success_records_the_artifact_and_the_evaluation() {
+        let ftj = finetunejob_from_example("lora-a100.yaml");
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        let mut done = pod(0, false, None);
+        done.result = Some(
+            r#"{"adapterSha256":"9f86d08","adapterSizeBytes":2048,"baseEvalLoss":2.0,
+                "evalLoss":1.5,"steps":100}"#
+                .into(),
+        );
+        let plan = plan(&ftj, &job(JobOutcome::Complete, vec![done]), at(500));
+        assert_eq!(plan.status.phase, Phase::Succeeded);
+        let artifact = plan.status.artifact.expect("artifact");
+        assert_eq!(artifact.sha256, "9f86d08");
+        assert_eq!(artifact.claim_name, ftj.spec.output.volume.claim_name);
+        let evaluation = plan.status.evaluation.expect("evaluation");
+        assert_eq!(evaluation.improvement.as_deref(), Some("0.2500"));
+        assert_eq!(plan.status.progress.expect("progress").percent, 100);
+    }
+
+    #[test]
+    fn under_kueue_the_job_is_created_suspended_and_its_suspend_is_left_to_kueue() {
+        let mut ftj = finetunejob_from_example("full-16-nodes.yaml");
+        ftj.spec.scheduling.queue_name = Some("research".into());
+        let first = plan(&ftj, &Observed::default(), at(0));
+        assert_eq!(
+            first.actions,
+            vec![Action::EnsureAttempt {
+                attempt: 1,
+                suspend: true
+            }]
+        );
+        assert_eq!(first.status.phase, Phase::Pending);
+        let ftj = with_status(ftj, &first);
+
+        // Queued: no unsuspending, no gang clock, a condition that says so.
+        let mut queued = job(JobOutcome::Active, Vec::new());
+        if let Some(job) = queued.job.as_mut() {
+            job.suspended = true;
+            job.started = None;
+        }
+        let waiting = plan(&ftj, &queued, at(3_600));
+        assert!(waiting.actions.is_empty(), "{:?}", waiting.actions);
+        let admitted = conditions::get(&waiting.status.conditions, "Admitted").expect("set");
+        assert_eq!(
+            (admitted.status.as_str(), admitted.reason.as_str()),
+            ("False", "Queued")
+        );
+        assert_eq!(waiting.status.phase, Phase::Pending);
+
+        // Admitted an hour later: the gang's clock starts at admission.
+        let mut placing = job(
+            JobOutcome::Active,
+            (0..16).map(|i| pod(i, i < 8, None)).collect(),
+        );
+        if let Some(job) = placing.job.as_mut() {
+            job.started = Some(at(3_600));
+        }
+        let admitted = plan(&ftj, &placing, at(3_700));
+        assert!(admitted.actions.is_empty(), "{:?}", admitted.actions);
+        assert!(conditions::is_true(&admitted.status.conditions, "Admitted"));
+
+        // Suspending deletes the Job instead of touching Kueue's field...
+        let mut suspended_ftj = ftj.clone();
+        suspended_ftj.spec.suspend = true;
+        let suspend = plan(&suspended_ftj, &placing, at(3_800));
+        assert_eq!(suspend.actions, delete_attempt_one());
+        assert_eq!(suspend.status.phase, Phase::Suspended);
+        let suspended_ftj = with_status(suspended_ftj, &suspend);
+        let gone = plan(&suspended_ftj, &Observed::default(), at(3_900));
+        assert!(gone.actions.is_empty(), "{:?}", gone.actions);
+        // ...and resuming recreates the same attempt's Job, suspended for Kueue.
+        let mut resumed = with_status(ftj, &gone);
+        resumed.spec.suspend = false;
+        let resume = plan(&resumed, &Observed::default(), at(4_000));
+        assert_eq!(
+            resume.actions,
+            vec![Action::EnsureAttempt {
+                attempt: 1,
+                suspend: true
+            }]
+        );
     }
 }

@@ -95,6 +95,11 @@ fn join(mount: &str, path: Option<&str>) -> String {
     }
 }
 
+/// Whether the job runs as a gang of ranks, with a headless Service for the rendezvous.
+pub fn is_gang(ftj: &FineTuneJob) -> bool {
+    ftj.spec.resources.nodes > 1
+}
+
 /// The directory inside the output volume: the job's `output.volume.path`, or
 /// `<namespace>/<name>`.
 pub fn output_path(ftj: &FineTuneJob, namespace: &str) -> String {
@@ -149,7 +154,7 @@ pub fn children(ftj: &FineTuneJob, context: &AttemptContext) -> Result<Children,
         .as_deref()
         .ok_or(RenderError::NotStored("name"))?;
     let owner = owner(ftj)?;
-    let gang = ftj.spec.resources.nodes > 1;
+    let gang = is_gang(ftj);
 
     let config = serde_json::to_string_pretty(&trainer_config(ftj, namespace))
         .map_err(RenderError::Config)?;
@@ -257,7 +262,7 @@ fn pod_spec(
     context: &AttemptContext,
 ) -> PodSpec {
     let spec = &ftj.spec;
-    let gang = spec.resources.nodes > 1;
+    let gang = is_gang(ftj);
 
     let mut node_selector = spec.scheduling.node_selector.clone();
     let mut tolerations = Vec::new();

@@ -655,6 +655,9 @@ fn start_all(
                 nodes::KWOK_ANNOTATION_VALUE
             ),
             "--node-ip=127.0.0.1".into(),
+            // Simulated pods get loopback IPs, so a test can serve a trainer's progress
+            // at a pod's IP from a local process; /12 holds a million pods.
+            "--cidr=127.128.0.1/12".into(),
             format!("--server-address=127.0.0.1:{}", ports.kwok),
             arg("--tls-cert-file", &pki.components.cert),
             arg("--tls-private-key-file", &pki.components.key),
