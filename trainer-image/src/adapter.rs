@@ -104,10 +104,16 @@ pub fn adapter_bytes(model: &Llama) -> Result<Vec<u8>> {
         .into_iter()
         .map(|(key, var)| (key, var.as_tensor().clone()))
         .collect();
+    safetensors_bytes(tensors, WEIGHTS_FILE)
+}
+
+/// Named tensors serialised as safetensors with the metadata `{"format": "pt"}` that
+/// transformers and PEFT expect; `file` names the destination in errors.
+pub fn safetensors_bytes(tensors: Vec<(String, Tensor)>, file: &str) -> Result<Vec<u8>> {
     let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
     safetensors::serialize(tensors, Some(metadata)).map_err(|err| Error::Safetensors {
         action: "serialise",
-        path: WEIGHTS_FILE.into(),
+        path: file.into(),
         message: err.to_string(),
     })
 }

@@ -1,7 +1,8 @@
 //! Training checkpoints: everything needed to continue a run exactly where it stopped.
 //!
 //! A checkpoint is a directory `checkpoint-{step:08}` under the checkpoint dir holding
-//! the adapter (`adapter_model.safetensors`, PEFT keys), the optimizer moments
+//! the adapter (`adapter_model.safetensors`, PEFT keys) or, with full fine-tuning, every
+//! weight (`model.safetensors`, Hugging Face names), the optimizer moments
 //! (`optimizer.safetensors`) and `trainer_state.json` (step, the position in the data
 //! stream, the random-generator state, the loss history). It is written under a
 //! temporary name and renamed, so a directory with the final name is always complete;
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::adapter::{WEIGHTS_FILE, adapter_bytes, write_atomic};
+use crate::adapter::{WEIGHTS_FILE, safetensors_bytes, write_atomic};
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::optim::AdamW;
@@ -21,6 +22,17 @@ use crate::rng::Rng;
 
 const STATE_FILE: &str = "trainer_state.json";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The weights of a full fine-tuning checkpoint.
+const FULL_WEIGHTS_FILE: &str = "model.safetensors";
+
+/// The file a checkpoint keeps `model`'s trainable tensors in.
+fn weights_file(model: &Llama) -> &'static str {
+    if model.is_full() {
+        FULL_WEIGHTS_FILE
+    } else {
+        WEIGHTS_FILE
+    }
+}
 
 /// The run's bookkeeping at a step boundary.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -87,9 +99,15 @@ pub fn save_checkpoint(
         std::fs::remove_dir_all(&tmp_dir).map_err(Error::io("remove", &tmp_dir))?;
     }
     std::fs::create_dir_all(&tmp_dir).map_err(Error::io("create", &tmp_dir))?;
-    write_atomic(&tmp_dir.join(WEIGHTS_FILE), &adapter_bytes(model)?)?;
+    let params = model.trainable_params();
+    let file = weights_file(model);
+    let tensors = params
+        .iter()
+        .map(|(key, var)| (key.clone(), var.as_tensor().clone()))
+        .collect();
+    write_atomic(&tmp_dir.join(file), &safetensors_bytes(tensors, file)?)?;
     let mut moments: Vec<(String, Tensor)> = Vec::new();
-    for (i, (key, _)) in model.lora_params().into_iter().enumerate() {
+    for (i, (key, _)) in params.into_iter().enumerate() {
         moments.push((format!("m.{key}"), optimizer.m[i].clone()));
         moments.push((format!("v.{key}"), optimizer.v[i].clone()));
     }
@@ -150,7 +168,7 @@ pub fn resume_latest(
             message: err.to_string(),
         })
     };
-    let adapter = load(WEIGHTS_FILE)?;
+    let weights = load(weights_file(model))?;
     let moments = load(OPTIMIZER_FILE)?;
     let missing = |key: &str| Error::Safetensors {
         action: "read",
@@ -158,8 +176,8 @@ pub fn resume_latest(
         message: format!("missing tensor {key}"),
     };
     let (mut m, mut v) = (Vec::new(), Vec::new());
-    for (key, var) in model.lora_params() {
-        let value = adapter.get(&key).ok_or_else(|| missing(&key))?;
+    for (key, var) in model.trainable_params() {
+        let value = weights.get(&key).ok_or_else(|| missing(&key))?;
         var.set(value)?;
         let mk = format!("m.{key}");
         let vk = format!("v.{key}");

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kubetune_crds::decimal::Decimal;
+use kubetune_crds::training::contract;
 use kubetune_crds::training::{
     CheckpointSpec, DatasetFormat, DpoSpec, Hyperparameters, LoraSpec, Method, QloraSpec,
     Scheduler, TargetModule, TrainerConfig,
@@ -18,6 +19,7 @@ use crate::adapter::load_adapter;
 use crate::data::load_dataset;
 use crate::dpo::DpoSettings;
 use crate::error::{Error, Result, read_input_file};
+use crate::full::DEFAULT_MAX_SHARD_BYTES;
 use crate::lora::LoraSettings;
 use crate::model::{Llama, Pass, default_device};
 use crate::progress::{self, SharedProgress};
@@ -75,6 +77,8 @@ pub enum MethodArg {
     Qlora,
     /// Direct Preference Optimization with a LoRA adapter (needs --format preference).
     Dpo,
+    /// Every weight trained; writes a Hugging Face checkpoint (one process).
+    Full,
 }
 
 /// Schedulers on the command line.
@@ -173,6 +177,10 @@ pub struct TrainArgs {
     /// Checkpoints to keep (default 2).
     #[arg(long)]
     pub checkpoint_keep: Option<u32>,
+    /// Full fine-tuning: write the weights in shards of at most this many bytes, with
+    /// an index (default 5e9, as transformers).
+    #[arg(long)]
+    pub max_shard_bytes: Option<u64>,
     /// DPO's β (default 0.1).
     #[arg(long)]
     pub beta: Option<String>,
@@ -301,6 +309,7 @@ pub fn config_from_flags(args: &TrainArgs) -> Result<TrainerConfig> {
             MethodArg::Lora => Method::Lora,
             MethodArg::Qlora => Method::Qlora,
             MethodArg::Dpo => Method::Dpo,
+            MethodArg::Full => Method::Full,
         },
         base_model_name: model.file_name().map(|n| n.to_string_lossy().into_owned()),
         model_dir: model.to_string_lossy().into_owned(),
@@ -383,11 +392,18 @@ pub fn options_from_config(config: &TrainerConfig, recompute: bool) -> Result<Tr
                 label_smoothing,
             })
         }
-        other => {
-            return Err(Error::invalid(format!(
-                "method {} is not supported by this trainer yet; lora, qlora and dpo are",
-                other.as_str()
-            )));
+        Method::Full => {
+            // Data-parallel training across pods is not implemented: N pods would each
+            // train the whole model on all the data and race to write one output.
+            let world = std::env::var(contract::ENV_WORLD_SIZE).unwrap_or_default();
+            if world.trim().parse::<u32>().is_ok_and(|n| n > 1) {
+                return Err(Error::invalid(format!(
+                    "method full runs in one process; data-parallel training across {world} ranks is not implemented (set resources.nodes to 1)"
+                )));
+            }
+            MethodOptions::Full {
+                max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+            }
         }
     };
     let hp = &config.hyperparameters;
@@ -471,7 +487,12 @@ pub async fn run_train(args: TrainArgs) -> Result<RunSummary> {
         Some(path) => read_config(path)?,
         None => config_from_flags(&args)?,
     };
-    let opts = options_from_config(&config, args.recompute)?;
+    let mut opts = options_from_config(&config, args.recompute)?;
+    if let (MethodOptions::Full { max_shard_bytes }, Some(bytes)) =
+        (&mut opts.method, args.max_shard_bytes)
+    {
+        *max_shard_bytes = bytes.max(1);
+    }
     let progress = SharedProgress::default();
     let control = Control {
         stop: Arc::default(),

@@ -4,6 +4,16 @@
 //! Hugging Face's format) with LoRA on candle and writes an adapter in Hugging Face
 //! PEFT's format, which `PeftModel.from_pretrained` and vLLM load unchanged.
 //!
+//! # Methods
+//! - `lora`: adapters on a frozen base in the compute dtype.
+//! - `qlora`: the same on base linear weights held in 4-bit NF4 ([`nf4`]), dequantized
+//!   on the fly; the adapter written is a plain PEFT LoRA adapter.
+//! - `dpo`: Direct Preference Optimization of an adapter on preference data ([`dpo`]);
+//!   the reference is the base with the adapter disabled.
+//! - `full`: every weight trained in f32 in one process; writes a Hugging Face
+//!   checkpoint ([`full`]). Data-parallel training across ranks is not implemented:
+//!   with `KUBETUNE_WORLD_SIZE` above 1 it exits 2.
+//!
 //! # Pipeline
 //! [`config`] and [`model`] read the checkpoint (memory-mapped safetensors) into a
 //! decoder built from differentiable ops ([`ops`]) with adapters ([`lora`]);
@@ -81,6 +91,7 @@ pub mod config;
 pub mod data;
 pub mod dpo;
 pub mod error;
+pub mod full;
 pub mod lora;
 pub mod model;
 pub mod nf4;

@@ -19,7 +19,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::{AdapterPairs, DropoutKey, LoraPair, LoraSettings, dropout_mask};
 use crate::nf4::{Nf4Weight, nf4_linear};
-use crate::ops::{causal_softmax, cross_entropy_rows, frozen_linear, rms_norm, rope};
+use crate::ops::{causal_softmax, cross_entropy_rows, frozen_linear, linear, rms_norm, rope};
 use crate::rng::Rng;
 
 /// The device the trainer computes on: the first CUDA GPU with the `cuda` feature,
@@ -102,7 +102,7 @@ impl Pass {
 impl Linear {
     fn forward(&self, x: &Tensor, layer: usize, lora: &LoraSettings, pass: Pass) -> Result<Tensor> {
         let mut y = match &self.weight {
-            BaseWeight::Dense(w) => frozen_linear(x, w)?,
+            BaseWeight::Dense(w) => linear(x, w)?,
             BaseWeight::Nf4(q) => nf4_linear(x, q)?,
         };
         if let Some(bias) = &self.bias {
@@ -254,6 +254,9 @@ pub struct Llama {
     lm_head: Option<Tensor>,
     dtype: DType,
     device: Device,
+    /// Full fine-tuning: every weight as a trainable f32 variable, by its Hugging Face
+    /// name (the fields above hold the same tensors). Empty otherwise.
+    full: Vec<(String, Var)>,
 }
 
 /// The safetensors shards of a checkpoint directory, in name order.
@@ -412,7 +415,77 @@ impl Llama {
             lm_head,
             dtype,
             device: device.clone(),
+            full: Vec::new(),
         })
+    }
+
+    /// Makes every weight trainable (full fine-tuning): each becomes an f32 [`Var`]
+    /// that forward passes differentiate through with ordinary matmuls. Adapters are
+    /// not allowed alongside. Activations become f32 too.
+    pub fn make_trainable(&mut self) -> Result<()> {
+        if self.blocks.iter().any(|b| {
+            b.linears()
+                .iter()
+                .any(|l| l.lora.is_some() || l.is_quantized())
+        }) {
+            return Err(Error::invalid(
+                "full fine-tuning needs a model without adapters or quantized weights",
+            ));
+        }
+        let mut full = Vec::new();
+        let mut make = |t: &mut Tensor, name: String| -> Result<()> {
+            let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            *t = var.as_tensor().clone();
+            full.push((name, var));
+            Ok(())
+        };
+        make(&mut self.embed, "model.embed_tokens.weight".into())?;
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            make(&mut block.input_norm, format!("{p}.input_layernorm.weight"))?;
+            for linear in block.linears_mut() {
+                let key = hf_key(i, linear.module);
+                let BaseWeight::Dense(weight) = &mut linear.weight else {
+                    unreachable!("quantized weights were refused above");
+                };
+                make(weight, format!("{key}.weight"))?;
+                if let Some(bias) = &mut linear.bias {
+                    make(bias, format!("{key}.bias"))?;
+                }
+            }
+            make(
+                &mut block.post_norm,
+                format!("{p}.post_attention_layernorm.weight"),
+            )?;
+        }
+        make(&mut self.norm, "model.norm.weight".into())?;
+        if let Some(head) = &mut self.lm_head {
+            make(head, "lm_head.weight".into())?;
+        }
+        self.full = full;
+        self.dtype = DType::F32;
+        Ok(())
+    }
+
+    /// Whether every weight is trainable ([`Self::make_trainable`]).
+    pub fn is_full(&self) -> bool {
+        !self.full.is_empty()
+    }
+
+    /// Every weight with its Hugging Face name, after [`Self::make_trainable`]; in
+    /// checkpoint order (embedding, blocks, final norm, LM head unless tied).
+    pub fn full_params(&self) -> Vec<(String, &Var)> {
+        self.full.iter().map(|(k, v)| (k.clone(), v)).collect()
+    }
+
+    /// What the optimizer trains: every weight after [`Self::make_trainable`], the
+    /// adapters otherwise.
+    pub fn trainable_params(&self) -> Vec<(String, &Var)> {
+        if self.is_full() {
+            self.full_params()
+        } else {
+            self.lora_params()
+        }
     }
 
     /// The device the model lives on.
@@ -634,7 +707,7 @@ impl Llama {
         let picked = flat.index_select(rows, 0)?;
         let normed = rms_norm(&picked, &self.norm, self.config.rms_norm_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = frozen_linear(&normed, head)?.to_dtype(DType::F32)?;
+        let logits = linear(&normed, head)?.to_dtype(DType::F32)?;
         cross_entropy_rows(&logits, targets)
     }
 
@@ -661,14 +734,17 @@ impl Llama {
 /// PEFT's key prefix for a module of a layer, e.g.
 /// `base_model.model.model.layers.0.self_attn.q_proj`.
 pub fn peft_key(layer: usize, module: TargetModule) -> String {
+    format!("base_model.model.{}", hf_key(layer, module))
+}
+
+/// The Hugging Face checkpoint name of a module of a layer, e.g.
+/// `model.layers.0.self_attn.q_proj`.
+pub fn hf_key(layer: usize, module: TargetModule) -> String {
     let group = match module {
         TargetModule::QProj | TargetModule::KProj | TargetModule::VProj | TargetModule::OProj => {
             "self_attn"
         }
         TargetModule::GateProj | TargetModule::UpProj | TargetModule::DownProj => "mlp",
     };
-    format!(
-        "base_model.model.model.layers.{layer}.{group}.{}",
-        module.as_str()
-    )
+    format!("model.layers.{layer}.{group}.{}", module.as_str())
 }

@@ -91,6 +91,23 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     Ok(y.reshape(out_shape)?)
 }
 
+/// `x · Wᵀ` over the last dimension of `x`: through [`frozen_linear`] for a frozen
+/// weight, an ordinary (weight-differentiating) matmul for a trainable one.
+pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if !weight.is_variable() {
+        return frozen_linear(x, weight);
+    }
+    let dims = x.dims();
+    let (last, lead) = dims
+        .split_last()
+        .expect("linear input has at least one dim");
+    let rows: usize = lead.iter().product();
+    let y = x.reshape((rows, *last))?.matmul(&weight.t()?)?;
+    let mut out_shape = lead.to_vec();
+    out_shape.push(weight.dim(0)?);
+    Ok(y.reshape(out_shape)?)
+}
+
 /// Per-row cross-entropy `logsumexp(logits) − logits[target]` of f32 logits `[n, vocab]`
 /// and u32 targets `[n]`, fused on the CPU: one pass forward, and a backward that
 /// writes `softmax − onehot` directly instead of differentiating through a chain of

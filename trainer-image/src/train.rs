@@ -32,6 +32,7 @@ use crate::dpo::{
     sequence_logps,
 };
 use crate::error::{Error, Result};
+use crate::full::save_full_model;
 use crate::lora::{DropoutKey, LoraSettings};
 use crate::model::{BaseFormat, Llama, Pass};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, learning_rate};
@@ -51,6 +52,11 @@ pub enum MethodOptions {
     },
     /// DPO with a LoRA adapter on a frozen base; preference data.
     Dpo(DpoSettings),
+    /// Every weight trained (f32), written as a Hugging Face checkpoint.
+    Full {
+        /// Weights above this size are written in shards with an index.
+        max_shard_bytes: u64,
+    },
 }
 
 impl MethodOptions {
@@ -143,7 +149,8 @@ pub struct RunSummary {
     pub duration_seconds: f64,
     /// Step the last attempt resumed from (0: fresh start).
     pub resumed_from_step: u64,
-    /// The adapter file's hash and size.
+    /// The adapter file's hash and size (full fine-tuning: the model's weights file, or
+    /// its index when sharded).
     pub adapter: Artifact,
     /// Method-specific figures: for DPO the last step's `rewards/chosen`,
     /// `rewards/rejected`, `accuracy`, `margin`, and the same on the eval set prefixed
@@ -302,7 +309,9 @@ pub fn forward_backward_with(
             // d(Σ out·g)/dθ = gᵀ·∂out/∂θ: the vector-Jacobian product we need.
             let store = (out * &upstream)?.sum_all()?.backward()?;
             collect(&store)?;
-            if i > 0 {
+            // With full fine-tuning the embedding learns too, so block 0's input
+            // gradient is needed as well.
+            if i > 0 || model.is_full() {
                 upstream = store
                     .get(input.as_tensor())
                     .ok_or_else(|| {
@@ -312,6 +321,11 @@ pub fn forward_backward_with(
                     })?
                     .detach();
             }
+        }
+        if model.is_full() {
+            // inputs[0] is the embedding lookup, still attached to the embedding.
+            let store = (&inputs[0] * &upstream)?.sum_all()?.backward()?;
+            collect(&store)?;
         }
     } else {
         let mut x = x0;
@@ -420,7 +434,7 @@ impl MicroBatch {
 /// A loaded model, tokenizer and datasets, ready to train.
 #[derive(Debug)]
 pub struct Prepared {
-    /// The model with fresh adapters.
+    /// The model with fresh adapters (or every weight trainable).
     pub model: Llama,
     /// The tokenizer.
     pub tokenizer: TextTokenizer,
@@ -463,13 +477,14 @@ pub fn prepare(opts: &TrainOptions, device: &Device) -> Result<Prepared> {
             opts.learning_rate
         )));
     }
-    if !(0.0..1.0).contains(&opts.lora.dropout) {
+    let full = matches!(opts.method, MethodOptions::Full { .. });
+    if !full && !(0.0..1.0).contains(&opts.lora.dropout) {
         return Err(Error::invalid(format!(
             "LoRA dropout {} must be in [0, 1)",
             opts.lora.dropout
         )));
     }
-    if opts.lora.targets.is_empty() {
+    if !full && opts.lora.targets.is_empty() {
         return Err(Error::invalid("LoRA needs at least one target module"));
     }
     let mut model = Llama::load_as(&opts.model_dir, device, opts.method.base_format())?;
@@ -513,10 +528,14 @@ pub fn prepare(opts: &TrainOptions, device: &Device) -> Result<Prepared> {
         };
         Data::Sft { train, eval }
     };
-    model.add_lora(
-        opts.lora.clone(),
-        &mut Rng::derive(opts.seed, 0x696e_6974, 0),
-    )?;
+    if full {
+        model.make_trainable()?;
+    } else {
+        model.add_lora(
+            opts.lora.clone(),
+            &mut Rng::derive(opts.seed, 0x696e_6974, 0),
+        )?;
+    }
     Ok(Prepared {
         model,
         tokenizer,
@@ -563,7 +582,7 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         }
     };
     let print = fingerprint(opts, n_train, total_steps);
-    let params_named = model.lora_params();
+    let params_named = model.trainable_params();
     let params: Vec<&Var> = params_named.iter().map(|(_, v)| *v).collect();
     let mut optimizer = AdamW::new(
         AdamWConfig {
@@ -758,7 +777,12 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         p.eval_loss = eval_loss;
         p.metrics = metrics.clone();
     });
-    let adapter = save_adapter(&model, &opts.output_dir, opts.base_model_name.as_deref())?;
+    let adapter = match opts.method {
+        MethodOptions::Full { max_shard_bytes } => {
+            save_full_model(&model, &opts.model_dir, &opts.output_dir, max_shard_bytes)?
+        }
+        _ => save_adapter(&model, &opts.output_dir, opts.base_model_name.as_deref())?,
+    };
     let elapsed = train_started.elapsed().as_secs_f64();
     let summary = RunSummary {
         steps: state.step,

@@ -317,3 +317,39 @@ fn a_bad_preference_line_in_a_dpo_run_exits_2_naming_the_file_and_line() {
     assert_eq!(output.status.code(), Some(2));
     assert!(termination_log(dir.path()).contains("preference"));
 }
+
+#[test]
+fn full_fine_tuning_runs_in_one_process_and_refuses_a_multi_rank_gang_with_exit_2() {
+    let dir = setup();
+    let (model, data, out) = (
+        path(dir.path(), "model"),
+        path(dir.path(), "train.jsonl"),
+        path(dir.path(), "out"),
+    );
+    let mut args = train_args(&model, &data, &out);
+    args.extend(["--method", "full", "--lr", "1e-3"]);
+    let output = trainer(dir.path(), &args);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(dir.path().join("out").join("model.safetensors").is_file());
+    let result: serde_json::Value =
+        serde_json::from_str(&termination_log(dir.path())).expect("result JSON");
+    assert_eq!(result["steps"], 2);
+
+    let output = Command::new(env!("CARGO_BIN_EXE_kubetune-trainer"))
+        .args(&args)
+        .env(
+            "KUBETUNE_TERMINATION_LOG",
+            dir.path().join("termination-log"),
+        )
+        .env("KUBETUNE_PROGRESS_ADDR", "127.0.0.1:0")
+        .env("KUBETUNE_WORLD_SIZE", "2")
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(termination_log(dir.path()).contains("not implemented"));
+}

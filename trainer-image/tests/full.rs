@@ -1,0 +1,253 @@
+//! Full fine-tuning: every weight gets a correct gradient (with and without layer-wise
+//! recompute), the loss falls, the output is a Hugging Face checkpoint (sharded above
+//! the threshold) that loads back, and a resumed run equals an uninterrupted one.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor, Var};
+use kubetune_crds::training::{DatasetFormat, Scheduler, TargetModule};
+use kubetune_trainer::cli::{EvalArgs, FormatArg, run_eval};
+use kubetune_trainer::data::{load_dataset, make_batch};
+use kubetune_trainer::error::Error;
+use kubetune_trainer::lora::LoraSettings;
+use kubetune_trainer::model::{Llama, Pass};
+use kubetune_trainer::rng::Rng;
+use kubetune_trainer::test_support::{
+    TinyLlama, max_abs, max_abs_diff, memorisable_chats, write_jsonl,
+};
+use kubetune_trainer::tokenizer::TextTokenizer;
+use kubetune_trainer::train::{Control, MethodOptions, TrainOptions, forward_backward, train};
+
+fn options(root: &Path, out: &str, max_shard_bytes: u64) -> TrainOptions {
+    TrainOptions {
+        method: MethodOptions::Full { max_shard_bytes },
+        model_dir: root.join("model"),
+        base_model_name: None,
+        train_file: root.join("train.jsonl"),
+        eval_file: Some(root.join("train.jsonl")),
+        eval_split_percent: 0,
+        format: DatasetFormat::Chat,
+        output_dir: root.join(out),
+        checkpoint_dir: root.join(out).join("checkpoints"),
+        epochs: 1,
+        max_steps: Some(40),
+        learning_rate: 3e-3,
+        batch_size: 4,
+        grad_accum: 1,
+        max_seq_length: 64,
+        warmup_steps: 2,
+        scheduler: Scheduler::Cosine,
+        weight_decay: 0.0,
+        max_grad_norm: 1.0,
+        seed: 3,
+        // Unused by full fine-tuning.
+        lora: LoraSettings {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            rs_lora: false,
+            targets: TargetModule::ALL.to_vec(),
+        },
+        checkpoint_every: 1000,
+        checkpoint_keep: 2,
+        recompute: false,
+        interrupt_after_step: None,
+    }
+}
+
+fn setup(spec: TinyLlama) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    spec.write(&dir.path().join("model")).expect("model");
+    write_jsonl(&dir.path().join("train.jsonl"), &memorisable_chats(8)).expect("data");
+    dir
+}
+
+#[test]
+fn every_weight_gets_a_gradient_matching_finite_differences_with_and_without_recompute() {
+    for tie in [false, true] {
+        let dir = setup(TinyLlama {
+            tie_embeddings: tie,
+            qwen2: true,
+            llama3_rope: false,
+            ..TinyLlama::default()
+        });
+        let model_dir = dir.path().join("model");
+        let mut model = Llama::load(&model_dir, &Device::Cpu).expect("load");
+        model.make_trainable().expect("trainable");
+        let tokenizer = TextTokenizer::load(&model_dir, &model.config).expect("tokenizer");
+        let examples = load_dataset(
+            &dir.path().join("train.jsonl"),
+            DatasetFormat::Chat,
+            &tokenizer,
+            64,
+        )
+        .expect("data");
+        let refs: Vec<_> = examples.iter().take(3).collect();
+        let batch = make_batch(&refs, tokenizer.pad_id, &Device::Cpu).expect("batch");
+        let named = model.full_params();
+        // Embedding, two norms, seven linears and three biases per block, final norm,
+        // and the LM head unless tied.
+        assert_eq!(named.len(), 1 + 2 * 12 + 1 + usize::from(!tie));
+        let params: Vec<&Var> = named.iter().map(|(_, v)| *v).collect();
+        let (_, grads) =
+            forward_backward(&model, &batch, &params, 1.0, Pass::EVAL, false).expect("full");
+        let (_, recomputed) =
+            forward_backward(&model, &batch, &params, 1.0, Pass::EVAL, true).expect("recompute");
+        let loss = || {
+            forward_backward(&model, &batch, &[], 1.0, Pass::EVAL, false)
+                .expect("loss")
+                .0
+        };
+        let mut rng = Rng::new(11);
+        for ((key, var), (grad, re)) in named.iter().zip(grads.iter().zip(&recomputed)) {
+            assert!(max_abs(grad) > 0.0, "{key} got no gradient (tied: {tie})");
+            assert!(
+                max_abs_diff(grad, re) <= 1e-5 * max_abs(grad).max(1e-3),
+                "{key}: recompute changed the gradient"
+            );
+            let original = var.as_tensor().copy().expect("copy");
+            let d: Vec<f32> = (0..original.elem_count())
+                .map(|_| rng.next_f32() - 0.5)
+                .collect();
+            let d = Tensor::from_vec(d, original.shape(), &Device::Cpu).expect("d");
+            let analytic = f64::from(
+                (grad * &d)
+                    .and_then(|t| t.sum_all())
+                    .and_then(|t| t.to_scalar::<f32>())
+                    .expect("dot"),
+            );
+            let eps = 1e-2;
+            var.set(&(&original + (&d * eps).expect("s")).expect("a"))
+                .expect("set");
+            let plus = loss();
+            var.set(&(&original - (&d * eps).expect("s")).expect("a"))
+                .expect("set");
+            let minus = loss();
+            var.set(&original).expect("restore");
+            let numeric = (plus - minus) / (2.0 * eps);
+            let tolerance = 3e-2 * analytic.abs().max(numeric.abs()) + 3e-3;
+            assert!(
+                (analytic - numeric).abs() <= tolerance,
+                "{key}: analytic {analytic} vs finite difference {numeric} (tied: {tie})"
+            );
+        }
+    }
+}
+
+fn eval_of(model_dir: &Path, data: &Path) -> f64 {
+    run_eval(&EvalArgs {
+        model: model_dir.to_owned(),
+        adapter: None,
+        data: data.to_owned(),
+        format: FormatArg::Chat,
+        batch_size: 4,
+        max_seq_length: 64,
+    })
+    .expect("eval")
+    .loss
+}
+
+#[test]
+fn full_fine_tuning_cuts_the_loss_and_writes_a_sharded_checkpoint_that_loads_back() {
+    let dir = setup(TinyLlama::default());
+    let mut opts = options(dir.path(), "out", 40_000);
+    opts.recompute = true;
+    let summary = train(&opts, &Device::Cpu, &Control::default()).expect("train");
+    let (first, last) = (summary.loss_history[0], summary.loss_history[39]);
+    println!("full fine-tuning loss {first:.4} -> {last:.4}");
+    assert!(last < 0.2 * first, "loss fell only from {first} to {last}");
+
+    let out = dir.path().join("out");
+    let index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("model.safetensors.index.json")).expect("index"),
+    )
+    .expect("json");
+    let map = index["weight_map"].as_object().expect("weight map");
+    let shards: std::collections::BTreeSet<&str> =
+        map.values().map(|v| v.as_str().expect("file")).collect();
+    assert!(shards.len() > 1, "{shards:?}");
+    let mut total = 0;
+    for shard in &shards {
+        assert!(
+            shard.starts_with("model-")
+                && shard.ends_with(&format!("-of-{:05}.safetensors", shards.len()))
+        );
+        let tensors = candle_core::safetensors::load(out.join(shard), &Device::Cpu).expect("shard");
+        for (name, t) in &tensors {
+            assert_eq!(map[name].as_str(), Some(*shard));
+            total += t.elem_count() * 4;
+        }
+    }
+    assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total as u64));
+    assert_eq!(map.len(), 1 + 2 * 9 + 1 + 1, "untied: lm_head written");
+    assert_eq!(
+        summary.adapter.sha256,
+        kubetune_trainer::adapter::sha256_hex(
+            &std::fs::read(out.join("model.safetensors.index.json")).expect("index")
+        )
+    );
+    for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).expect("config"))
+            .expect("json");
+    assert_eq!(config["torch_dtype"], "float32");
+
+    // The written checkpoint is a model like any other: loaded back, it scores what the
+    // trained model scored, far below the original.
+    let data = dir.path().join("train.jsonl");
+    let reloaded = eval_of(&out, &data);
+    let original = eval_of(&dir.path().join("model"), &data);
+    let tuned = summary.eval_loss.expect("eval loss");
+    assert!((reloaded - tuned).abs() < 1e-4, "{reloaded} vs {tuned}");
+    assert!(reloaded < 0.2 * original, "{original} -> {reloaded}");
+
+    // Below the threshold it is one file, and it loads into training again.
+    let mut again = options(&out, "second", u64::MAX);
+    again.model_dir = out.clone();
+    again.train_file = data.clone();
+    again.eval_file = None;
+    again.max_steps = Some(1);
+    train(&again, &Device::Cpu, &Control::default()).expect("train the written model");
+    assert!(out.join("second").join("model.safetensors").is_file());
+    assert!(
+        !out.join("second")
+            .join("model.safetensors.index.json")
+            .exists()
+    );
+}
+
+#[test]
+fn an_interrupted_and_resumed_full_run_ends_with_the_same_weights() {
+    let dir = setup(TinyLlama {
+        tie_embeddings: true,
+        ..TinyLlama::default()
+    });
+    let configure = |out: &str| {
+        let mut opts = options(dir.path(), out, u64::MAX);
+        opts.max_steps = Some(6);
+        opts.batch_size = 2;
+        opts.grad_accum = 2;
+        opts.weight_decay = 0.01;
+        opts.checkpoint_every = 2;
+        opts
+    };
+    let whole = train(&configure("whole"), &Device::Cpu, &Control::default()).expect("whole");
+    let mut first = configure("resumed");
+    first.interrupt_after_step = Some(3);
+    let err = train(&first, &Device::Cpu, &Control::default()).expect_err("interrupted");
+    assert!(matches!(err, Error::Interrupted { step: 3 }), "{err}");
+    let resumed = train(&configure("resumed"), &Device::Cpu, &Control::default()).expect("resume");
+    assert_eq!(resumed.resumed_from_step, 3);
+    // The history before the interruption comes back through trainer_state.json, and
+    // serde_json (without its float_roundtrip feature) may move the last bit.
+    assert_eq!(resumed.loss_history.len(), whole.loss_history.len());
+    for (a, b) in resumed.loss_history.iter().zip(&whole.loss_history) {
+        assert!((a - b).abs() <= 1e-12 * b.abs(), "{a} vs {b}");
+    }
+    assert_eq!(
+        resumed.adapter.sha256, whole.adapter.sha256,
+        "identical weights files"
+    );
+}
