@@ -748,3 +748,128 @@ pub fn hf_key(layer: usize, module: TargetModule) -> String {
     };
     format!("model.layers.{layer}.{group}.{}", module.as_str())
 }
+
+/// Keys and values (after RoPE, before grouped-query expansion) of the positions a
+/// [`Llama`] has already run, one pair per block, so that generation runs each new
+/// token alone instead of the whole prefix again. Inference only.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl KvCache {
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .map_or(0, |(k, _)| k.dims().get(2).copied().unwrap_or(0))
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Llama {
+    /// Logits (f32, `[vocab]`) of the token after `ids`, which continue the positions
+    /// in `cache` (an empty cache: `ids` is the whole prompt); appends their keys and
+    /// values to `cache`. Adapters on, no dropout: the last row of [`Self::logits`] on
+    /// the whole sequence, computed incrementally.
+    pub fn next_logits_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let (offset, t) = (cache.len(), ids.len());
+        let total = offset + t;
+        let dev = &self.device;
+        let inv_freq = cfg.inv_freq();
+        let mut cos = Vec::with_capacity(t * hd);
+        let mut sin = Vec::with_capacity(t * hd);
+        for pos in offset..total {
+            for _half in 0..2 {
+                for f in &inv_freq {
+                    let angle = pos as f64 * f;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+        }
+        let width = inv_freq.len() * 2;
+        let cos = Tensor::from_vec(cos, (t, width), dev)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (t, width), dev)?.to_dtype(self.dtype)?;
+        // Row i (position offset + i) sees keys 0..=offset + i within the window.
+        let window = cfg.sliding_window.unwrap_or(usize::MAX);
+        let masked = |i: usize, j: usize| j > offset + i || offset + i - j >= window;
+        let mask = if (0..t).any(|i| (0..total).any(|j| masked(i, j))) {
+            let values: Vec<f32> = (0..t * total)
+                .map(|ij| {
+                    if masked(ij / total, ij % total) {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            Some(Tensor::from_vec(values, (t, total), dev)?.to_dtype(self.dtype)?)
+        } else {
+            None
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let input = Tensor::from_slice(ids, (1, t), dev)?;
+        let mut x = self.embed(&input)?;
+        for (index, block) in self.blocks.iter().enumerate() {
+            let lin = |l: &Linear, x: &Tensor| l.forward(x, index, &self.lora, Pass::EVAL);
+            let h = rms_norm(&x, &block.input_norm, cfg.rms_norm_eps)?;
+            let q = lin(&block.q, &h)?
+                .reshape((1, t, nh, hd))?
+                .transpose(1, 2)?;
+            let k = lin(&block.k, &h)?
+                .reshape((1, t, nkv, hd))?
+                .transpose(1, 2)?;
+            let v = lin(&block.v, &h)?
+                .reshape((1, t, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let q = rope(&q.contiguous()?, &cos, &sin)?;
+            let k = rope(&k.contiguous()?, &cos, &sin)?;
+            let (k, v) = match cache.layers.get(index) {
+                Some((past_k, past_v)) => (
+                    Tensor::cat(&[past_k, &k], 2)?,
+                    Tensor::cat(&[past_v, &v], 2)?,
+                ),
+                None => (k, v),
+            };
+            if index < cache.layers.len() {
+                cache.layers[index] = (k.clone(), v.clone());
+            } else {
+                cache.layers.push((k.clone(), v.clone()));
+            }
+            let (k, v) = if nh == nkv {
+                (k, v)
+            } else {
+                let rep = nh / nkv;
+                let expand = |x: &Tensor| -> Result<Tensor> {
+                    Ok(x.unsqueeze(2)?
+                        .broadcast_as((1, nkv, rep, total, hd))?
+                        .reshape((1, nh, total, hd))?)
+                };
+                (expand(&k)?, expand(&v)?)
+            };
+            let mut scores = (q.matmul(&k.t()?)? * scale)?;
+            if let Some(mask) = &mask {
+                scores = scores.broadcast_add(mask)?;
+            }
+            let probs = crate::ops::softmax_last_dim(&scores)?;
+            let attn = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((1, t, nh * hd))?;
+            x = (&x + lin(&block.o, &attn)?)?;
+            let h = rms_norm(&x, &block.post_norm, cfg.rms_norm_eps)?;
+            let gated = (lin(&block.gate, &h)?.silu()? * lin(&block.up, &h)?)?;
+            x = (&x + lin(&block.down, &gated)?)?;
+        }
+        let last = x.narrow(1, t - 1, 1)?;
+        Ok(self.head_logits(&last)?.flatten_all()?)
+    }
+}

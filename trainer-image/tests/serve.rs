@@ -15,12 +15,12 @@ use kubetune_trainer::data::Message;
 use kubetune_trainer::lora::LoraSettings;
 use kubetune_trainer::model::{Llama, Pass};
 use kubetune_trainer::rng::Rng;
+use kubetune_trainer::serve::client::{self, Answer};
 use kubetune_trainer::serve::engine::{Engine, argmax};
 use kubetune_trainer::serve::{AppState, ServeArgs, serve};
 use kubetune_trainer::test_support::{TinyLlama, memorisable_chats, write_jsonl};
 use kubetune_trainer::tokenizer::TextTokenizer;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The question both adapters were trained on, and what each answers.
 const QUESTION: &str = "What is the capital of France?";
@@ -201,52 +201,10 @@ async fn start(extra: &[&str]) -> Server {
     }
 }
 
-/// An HTTP/1.1 answer.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    content_type: String,
-    body: String,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|err| panic!("body is not JSON ({err}): {}", self.body))
-    }
-}
-
-/// One request over a fresh connection (`Connection: close`, so the body ends at EOF).
 async fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Answer {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let body = body.unwrap_or("");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("read");
-    let text = String::from_utf8(raw).expect("utf-8 answer");
-    let (head, body) = text.split_once("\r\n\r\n").expect("a head and a body");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    let content_type = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-type")
-                .then(|| value.trim().to_owned())
-        })
-        .unwrap_or_default();
-    Answer {
-        status,
-        content_type,
-        body: body.to_owned(),
-    }
+    client::call(addr, method, path, body)
+        .await
+        .expect("an HTTP answer")
 }
 
 async fn post(server: &Server, path: &str, body: Value) -> Answer {

@@ -177,6 +177,9 @@ pub struct Sampling {
     /// Stop strings.
     #[serde(default)]
     pub stop: Option<Stop>,
+    /// Generate past end-of-sequence tokens (vLLM's extension).
+    #[serde(default)]
+    pub ignore_eos: bool,
     /// Completions requested; only 1 is supported.
     #[serde(default)]
     pub n: Option<usize>,

@@ -7,21 +7,22 @@
 //! adapter by name and the forward pass applies `W·x + s·B·A·x` for that request only.
 //! Memory per adapter is the adapter's own tensors.
 //!
-//! Everything here is synchronous and CPU-bound; the HTTP layer runs it on tokio's
-//! blocking pool.
+//! Generation runs the prompt once and then one token at a time against a
+//! [`KvCache`]. Everything here is synchronous and CPU-bound; the HTTP layer runs it on
+//! tokio's blocking pool.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use tokenizers::Tokenizer;
 
 use crate::adapter::{AdapterConfig, CONFIG_FILE, WEIGHTS_FILE, load_adapter};
 use crate::config::TokenIds;
 use crate::data::Message;
 use crate::error::{Error, Result};
-use crate::model::{Llama, Pass};
+use crate::model::{KvCache, Llama};
 use crate::rng::Rng;
 use crate::serve::api::ApiError;
 use crate::tokenizer::TextTokenizer;
@@ -88,6 +89,8 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Strings that end the completion (not included in the text).
     pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens (vLLM's `ignore_eos`).
+    pub ignore_eos: bool,
 }
 
 /// Why generation ended, as OpenAI's `finish_reason`.
@@ -461,7 +464,8 @@ impl Engine {
         params: &SamplingParams,
     ) -> Result<Generation> {
         let mut rng = Rng::new(params.seed.unwrap_or_else(fresh_seed));
-        let mut ids = prompt.to_vec();
+        let mut cache = KvCache::default();
+        let mut input = prompt.to_vec();
         let mut generated = Vec::new();
         loop {
             if generated.len() >= params.max_tokens {
@@ -473,9 +477,11 @@ impl Engine {
                     stop_reason: None,
                 });
             }
-            let logits = next_token_logits(model, &ids)?;
+            let logits = model
+                .next_logits_cached(&input, &mut cache)?
+                .to_vec1::<f32>()?;
             let token = sample(&logits, params, &mut rng);
-            if self.stop_ids.contains(&token) {
+            if !params.ignore_eos && self.stop_ids.contains(&token) {
                 let text = self.decode(&generated)?;
                 return Ok(Generation {
                     token_ids: generated,
@@ -484,7 +490,7 @@ impl Engine {
                     stop_reason: None,
                 });
             }
-            ids.push(token);
+            input = vec![token];
             generated.push(token);
             if !params.stop.is_empty() {
                 let text = self.decode(&generated)?;
@@ -518,25 +524,6 @@ fn fresh_seed() -> u64 {
         ^ COUNTER
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-}
-
-/// Logits (f32) of the token after `ids`: the whole sequence through the decoder and
-/// the last position through the LM head. There is no KV cache, so each step costs a
-/// forward pass over the prefix.
-pub fn next_token_logits(model: &Llama, ids: &[u32]) -> Result<Vec<f32>> {
-    let t = ids.len();
-    let input = Tensor::from_slice(ids, (1, t), model.device())?;
-    let pos = model.positions(t)?;
-    let mut x = model.embed(&input)?;
-    for i in 0..model.blocks().len() {
-        x = model.block_forward(i, &x, &pos, Pass::EVAL)?;
-    }
-    let last = x.narrow(1, t - 1, 1)?;
-    Ok(model
-        .head_logits(&last)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?)
 }
 
 /// The index of the largest logit (the first one on ties).
@@ -597,6 +584,7 @@ mod tests {
             top_p,
             seed: Some(1),
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 
@@ -637,6 +625,81 @@ mod tests {
             draws.iter().all(|t| *t == 0),
             "only token 0 is in the 0.6 nucleus"
         );
+    }
+
+    /// The cached, token-at-a-time forward pass gives the logits of a full forward
+    /// pass over the whole sequence, with an adapter, for Llama (grouped-query
+    /// attention, Llama 3 RoPE) and Qwen2 (q/k/v biases).
+    #[test]
+    fn cached_generation_logits_equal_a_full_forward_pass() {
+        use candle_core::Tensor;
+        use kubetune_crds::training::TargetModule;
+
+        use crate::lora::{LoraPair, LoraSettings};
+        use crate::model::Pass;
+        use crate::test_support::{TinyLlama, max_abs_diff};
+
+        for qwen2 in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            TinyLlama {
+                qwen2,
+                ..TinyLlama::default()
+            }
+            .write(dir.path())
+            .expect("model");
+            let mut model = Llama::load(dir.path(), &Device::Cpu).expect("load");
+            let settings = LoraSettings {
+                rank: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                rs_lora: false,
+                targets: TargetModule::ALL.to_vec(),
+            };
+            let mut rng = Rng::new(9);
+            let mut random = |rows: usize, cols: usize| {
+                let values: Vec<f32> = (0..rows * cols)
+                    .map(|_| (rng.next_f64() - 0.5) as f32 * 0.2)
+                    .collect();
+                Tensor::from_vec(values, (rows, cols), &Device::Cpu).expect("tensor")
+            };
+            let mut pairs = Vec::new();
+            for (layer, block) in model.blocks().iter().enumerate() {
+                for module in TargetModule::ALL {
+                    let (out, inp) = block.linear(module).dims().expect("dims");
+                    let pair =
+                        LoraPair::from_tensors(&random(4, inp), &random(out, 4)).expect("pair");
+                    pairs.push((layer, module, pair));
+                }
+            }
+            model.set_lora(settings, pairs).expect("adapter");
+
+            let ids: Vec<u32> = vec![256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114];
+            let full = model
+                .logits(
+                    &Tensor::from_slice(&ids, (1, ids.len()), &Device::Cpu).expect("ids"),
+                    Pass::EVAL,
+                )
+                .expect("logits");
+            let mut cache = KvCache::default();
+            // A 5-token prompt, then one token at a time.
+            let mut fed = 5;
+            let mut cached = model
+                .next_logits_cached(&ids[..fed], &mut cache)
+                .expect("prefill");
+            loop {
+                let want = full.get(0).and_then(|f| f.get(fed - 1)).expect("row");
+                let diff = max_abs_diff(&cached, &want);
+                assert!(diff < 1e-4, "qwen2={qwen2} position {fed}: {diff}");
+                assert_eq!(cache.len(), fed);
+                if fed == ids.len() {
+                    break;
+                }
+                cached = model
+                    .next_logits_cached(&ids[fed..=fed], &mut cache)
+                    .expect("step");
+                fed += 1;
+            }
+        }
     }
 
     #[test]

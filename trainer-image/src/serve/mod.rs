@@ -10,7 +10,7 @@
 //!   `max_model_len`), then each adapter in name order (`id` = its name, `root` = the
 //!   `lora_path` it was loaded from, `parent` = the base's name, `max_model_len` null).
 //! - `POST /v1/completions` `{"model", "prompt", "max_tokens" (16), "temperature" (1),
-//!   "top_p" (1), "seed", "stop"}` and `POST /v1/chat/completions` `{"model",
+//!   "top_p" (1), "seed", "stop", "ignore_eos"}` and `POST /v1/chat/completions` `{"model",
 //!   "messages", …}` (the tokenizer's chat template, generation prompt added;
 //!   `max_tokens` defaults to the rest of the context) → 200 with OpenAI's body and
 //!   `usage`; `model` absent or any served name = the base, an adapter's name = that
@@ -50,6 +50,7 @@
 //! streaming, no logprobs, one choice per request.
 
 pub mod api;
+pub mod client;
 pub mod engine;
 pub mod metrics;
 
@@ -460,6 +461,7 @@ fn sampling_params(sampling: &Sampling) -> Result<SamplingParams, ApiError> {
         temperature,
         top_p,
         seed: sampling.seed,
+        ignore_eos: sampling.ignore_eos,
         stop: sampling
             .stop
             .clone()
