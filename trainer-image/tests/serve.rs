@@ -702,6 +702,21 @@ async fn completions_have_openais_shape_and_honour_the_sampling_fields() {
         assert_eq!(answer.status, 400, "{bad}: {}", answer.body);
         assert_eq!(answer.json()["error"]["type"], "BadRequestError");
     }
+    let form = client::call_as(
+        server.addr,
+        "POST",
+        "/v1/completions",
+        "application/x-www-form-urlencoded",
+        Some(&json!({"prompt": "x"}).to_string()),
+    )
+    .await
+    .expect("an answer");
+    assert_error(
+        &form,
+        400,
+        "Bad Request",
+        "Unsupported Media Type: Only 'application/json' is allowed",
+    );
     let no_prompt = complete(json!({"model": "tiny"})).await;
     assert_eq!(no_prompt.status, 400);
     assert_eq!(no_prompt.json()["error"]["type"], "Bad Request");

@@ -32,10 +32,21 @@ pub async fn call(
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<Answer> {
+    call_as(addr, method, path, "application/json", body).await
+}
+
+/// [`call`] with another `Content-Type`.
+pub async fn call_as(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Option<&str>,
+) -> std::io::Result<Answer> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let body = body.unwrap_or("");
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await?;

@@ -4,20 +4,24 @@
 //! the same forward pass it was trained with; it lets kubetune's AdapterDeployment be
 //! tested end to end on real servers and serves small models without a GPU stack.
 //!
-//! # HTTP surface (vLLM's, see `docs` of vLLM's `serve/lora` and `openai/models`)
+//! # HTTP surface (vLLM's: `vllm/entrypoints/serve/lora/`, `openai/models/serving.py`)
 //! - `GET /v1/models` → 200 `{"object": "list", "data": [card…]}`; the base first
-//!   (`id` = its served name, `root` = `--model` as given, `parent` null,
+//!   (`id` = each served name, `root` = `--model` as given, `parent` null,
 //!   `max_model_len`), then each adapter in name order (`id` = its name, `root` = the
-//!   `lora_path` it was loaded from, `parent` = the base's name, `max_model_len` null).
+//!   `lora_path` it was loaded from, `parent` = the base's first name,
+//!   `max_model_len` null). Cards also carry `object`, `created`, `owned_by` ("vllm")
+//!   and vLLM's `permission`.
 //! - `POST /v1/completions` `{"model", "prompt", "max_tokens" (16), "temperature" (1),
-//!   "top_p" (1), "seed", "stop", "ignore_eos"}` and `POST /v1/chat/completions` `{"model",
-//!   "messages", …}` (the tokenizer's chat template, generation prompt added;
-//!   `max_tokens` defaults to the rest of the context) → 200 with OpenAI's body and
-//!   `usage`; `model` absent or any served name = the base, an adapter's name = that
-//!   adapter. 404 `NotFoundError` (`The model `X` does not exist.`, `param` "model")
-//!   for an unknown model; 400 `BadRequestError` for a prompt or `max_tokens` beyond
-//!   the context, `n` > 1, `stream`, bad sampling values; 400 `Bad Request` for a body
-//!   that is not JSON or has wrong types.
+//!   "top_p" (1), "seed", "stop", "ignore_eos"}` and `POST /v1/chat/completions`
+//!   `{"model", "messages", …}` (the tokenizer's chat template with the generation
+//!   prompt; `max_tokens` defaults to the rest of the context) → 200 with OpenAI's
+//!   body (`choices[0].text` or `.message.content`, `finish_reason` "stop" or
+//!   "length", vLLM's `stop_reason`) and `usage`. `model` absent or any served name
+//!   selects the base, an adapter's name that adapter. 404 `NotFoundError` (``The
+//!   model `X` does not exist.``, `param` "model") for an unknown model; 400
+//!   `BadRequestError` for a prompt or `max_tokens` beyond the context, `n` > 1,
+//!   `stream`, bad sampling values; 400 `Bad Request` for a body that is not JSON, has
+//!   wrong types, or is not sent as `application/json`.
 //! - `POST /v1/load_lora_adapter` `{"lora_name", "lora_path", "load_inplace": false}`
 //!   → 200 `text/plain` `Success: LoRA adapter '<name>' added successfully.`; 400
 //!   `InvalidUserInput` (`Both 'lora_name' and 'lora_path' must be provided.`, or
@@ -26,10 +30,12 @@
 //!   lora <name> failed: No adapter found for <path>`) when the directory lacks
 //!   `adapter_config.json` or `adapter_model.safetensors`; 500 `InternalServerError`
 //!   (`failed to load LoRA adapter '<name>': …`) when the adapter does not fit: rank
-//!   above `--max-lora-rank` (`LoRA rank R is greater than max_lora_rank M.`), another
-//!   base model, tensors whose shapes or layers do not match the model, unsupported
-//!   PEFT features, or `--max-loras` adapters already loaded. vLLM answers every
-//!   failure of its engine's `add_lora` with 500 too.
+//!   above `--max-lora-rank` (`… LoRA rank R is greater than max_lora_rank M.`),
+//!   another base model, tensors whose shapes or layers do not match the model,
+//!   unsupported PEFT features, or `--max-loras` adapters already loaded. Current vLLM
+//!   answers every failure of its engine's `add_lora` with 500 too (before v0.10 it
+//!   was 400 `BadRequestError`). With `load_inplace` the name is re-pointed to the
+//!   new path; a failed load changes nothing.
 //! - `POST /v1/unload_lora_adapter` `{"lora_name"}` → 200 `text/plain` `Success: LoRA
 //!   adapter '<name>' removed successfully.`; 400 `InvalidUserInput` (`'lora_name'
 //!   needs to be provided to unload a LoRA adapter.`); 404 `NotFoundError` (`The lora
@@ -41,13 +47,15 @@
 //! - Any other path: 404 `{"detail": "Not Found"}`; a wrong method: 405
 //!   `{"detail": "Method Not Allowed"}` (FastAPI's bodies).
 //!
-//! Errors use vLLM's envelope `{"error": {"message", "type", "param", "code"}}`.
+//! Errors use vLLM's envelope `{"error": {"message", "type", "param", "code"}}`
+//! with the HTTP status as `code`.
 //!
 //! # Limits
-//! Generation runs on tokio's blocking pool, at most `--max-num-seqs` at a time (the
-//! rest wait); loads and unloads run one at a time. There is no KV cache: each new
-//! token re-runs the prefix, which is fine for the small models this is for. No
-//! streaming, no logprobs, one choice per request.
+//! Generation runs on tokio's blocking pool, at most `--max-num-seqs` requests at a
+//! time (the rest wait), with a KV cache; loads and unloads run one at a time and do
+//! not wait for generations. The runtime routes are always on (vLLM needs
+//! `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA_UPDATING`); there is no API key. No
+//! streaming, no logprobs, one prompt and one choice per request, f32 on the CPU.
 
 pub mod api;
 pub mod client;
@@ -60,7 +68,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -421,6 +429,27 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// vLLM's inference routes accept only `application/json` bodies
+/// (`validate_json_request`), answered as a validation error.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let media_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if media_type == "application/json" {
+        Ok(())
+    } else {
+        Err(ApiError::malformed(
+            "Unsupported Media Type: Only 'application/json' is allowed",
+        ))
+    }
+}
+
 /// What a request asks to complete.
 enum Input {
     Prompt(String),
@@ -560,7 +589,10 @@ fn usage(prompt_len: usize, generation: &Generation) -> Usage {
     }
 }
 
-async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
+async fn completions(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(err) = require_json(&headers) {
+        return err.into_response();
+    }
     let request: CompletionRequest = match parse_body(&body) {
         Ok(request) => request,
         Err(err) => return err.into_response(),
@@ -605,7 +637,14 @@ async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
     }
 }
 
-async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
+async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(err) = require_json(&headers) {
+        return err.into_response();
+    }
     let request: ChatCompletionRequest = match parse_body(&body) {
         Ok(request) => request,
         Err(err) => return err.into_response(),
