@@ -1,10 +1,19 @@
 //! LoRA training throughput and peak memory of the trainer on CPU, side by side with
-//! PyTorch + PEFT on the same model shape, data and settings.
+//! PyTorch + PEFT on the same model shape, data and settings; and, with `--method`,
+//! the other methods.
 //!
 //! ```text
 //! cargo run --release -p kubetune-trainer --example bench -- [--steps N] [--seq-len T]
 //!     [--batch-size B] [--rank R] [--recompute] [--no-pytorch] [--venv DIR]
+//!     [--method lora|qlora|dpo]
 //! ```
+//!
+//! - `--method qlora`: the base linear weights' memory with LoRA (f32 on the CPU, and
+//!   what bf16 would take) and with QLoRA (NF4 with double quantization), the process'
+//!   resident memory right after loading each way, and the training step time of both.
+//! - `--method dpo`: DPO's training step time on random preference pairs (`--batch-size`
+//!   pairs per step, prompt and each completion `--seq-len`/2 tokens), next to a LoRA
+//!   step on sequences of the same length.
 //!
 //! It writes a random ~50M-parameter Llama (hidden 512, 10 blocks, 8 heads / 4 KV
 //! heads, MLP 1536, vocabulary 32000, tied embeddings) and a text dataset into a
@@ -23,7 +32,9 @@ use std::time::{Duration, Instant};
 
 use kubetune_crds::training::{DatasetFormat, Scheduler, TargetModule};
 use kubetune_trainer::config::ModelConfig;
+use kubetune_trainer::dpo::DpoSettings;
 use kubetune_trainer::lora::LoraSettings;
+use kubetune_trainer::model::Llama;
 use kubetune_trainer::rng::Rng;
 use kubetune_trainer::test_support::{TinyLlama, write_jsonl};
 use kubetune_trainer::tokenizer::TextTokenizer;
@@ -41,6 +52,8 @@ struct Args {
     venv: Option<PathBuf>,
     worker: Option<PathBuf>,
     recompute: bool,
+    method: String,
+    measure_load: bool,
 }
 
 impl Default for Args {
@@ -54,6 +67,8 @@ impl Default for Args {
             venv: None,
             worker: None,
             recompute: false,
+            method: "lora".into(),
+            measure_load: false,
         }
     }
 }
@@ -72,6 +87,8 @@ fn parse_args() -> Args {
             "--recompute" => args.recompute = true,
             "--venv" => args.venv = Some(value().into()),
             "--worker" => args.worker = Some(value().into()),
+            "--method" => args.method = value(),
+            "--measure-load" => args.measure_load = true,
             other => panic!("unknown flag {other}"),
         }
     }
@@ -135,6 +152,156 @@ fn options(root: &Path, args: &Args) -> TrainOptions {
         recompute: args.recompute,
         interrupt_after_step: None,
     }
+}
+
+/// The run options of `--method` (the LoRA options otherwise the same).
+fn method_options(root: &Path, args: &Args) -> TrainOptions {
+    let mut opts = options(root, args);
+    match args.method.as_str() {
+        "lora" => {}
+        "qlora" => opts.method = MethodOptions::Qlora { double_quant: true },
+        "dpo" => {
+            opts.method = MethodOptions::Dpo(DpoSettings {
+                beta: 0.1,
+                label_smoothing: 0.0,
+            });
+            opts.format = DatasetFormat::Preference;
+            opts.train_file = root.join("prefs.jsonl");
+        }
+        other => panic!("--method {other}: expected lora, qlora or dpo"),
+    }
+    opts
+}
+
+/// Resident memory of this process now (kB → MiB).
+fn rss_now_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS");
+    let kib: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("a number of kB");
+    kib / 1024.0
+}
+
+/// Runs this benchmark as a child in `--worker` mode for `method`; returns its JSON
+/// report and peak RSS.
+fn run_worker(
+    root: &Path,
+    args: &Args,
+    method: &str,
+    measure_load: bool,
+) -> (serde_json::Value, f64) {
+    let exe = std::env::current_exe().expect("own path");
+    let mut worker = Command::new(exe);
+    if args.recompute {
+        worker.arg("--recompute");
+    }
+    if measure_load {
+        worker.arg("--measure-load");
+    }
+    let (out, peak) = run_measured(
+        worker
+            .args(["--worker", &root.to_string_lossy(), "--method", method])
+            .args(["--steps", &args.steps.to_string()])
+            .args(["--seq-len", &args.seq_len.to_string()])
+            .args(["--batch-size", &args.batch_size.to_string()])
+            .args(["--rank", &args.rank.to_string()]),
+    );
+    (last_json(&out), peak)
+}
+
+/// Random lowercase text of `n` bytes (one token per byte with the fixture tokenizer).
+fn random_text(rng: &mut Rng, n: usize) -> String {
+    (0..n)
+        .map(|_| char::from(b'a' + rng.below(26) as u8))
+        .collect()
+}
+
+fn mib(bytes: f64) -> f64 {
+    bytes / (1024.0 * 1024.0)
+}
+
+/// `--method qlora`: base-weight memory and step time, LoRA against QLoRA.
+fn bench_qlora(root: &Path, args: &Args, spec: &TinyLlama) {
+    let mut report = serde_json::json!({
+        "model_params_m": spec.parameters() as f64 / 1e6,
+        "seq_len_tokens": args.seq_len,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+    });
+    for method in ["lora", "qlora"] {
+        let (load, _) = run_worker(root, args, method, true);
+        let (train, peak) = run_worker(root, args, method, false);
+        let bytes = load["base_linear_bytes"].as_f64().expect("bytes");
+        let rss = load["rss_after_load_mib"].as_f64().expect("rss");
+        let step = train["step_s"].as_f64().expect("step_s");
+        eprintln!(
+            "{method}: base linear weights {:.1} MiB, RSS after load {rss:.0} MiB, step {step:.2} s, peak RSS {peak:.0} MiB",
+            mib(bytes)
+        );
+        report[format!("{method}_base_linear_mib")] = mib(bytes).into();
+        report[format!("{method}_rss_after_load_mib")] = rss.into();
+        report[format!("{method}_step_s")] = step.into();
+        report[format!("{method}_peak_rss_mib")] = peak.into();
+        if method == "lora" {
+            // The same elements in bf16, as QLoRA's comparison on a GPU would be.
+            let elements = load["base_linear_elements"].as_f64().expect("elements");
+            report["bf16_base_linear_mib"] = mib(2.0 * elements).into();
+        }
+    }
+    let ratio = report["qlora_base_linear_mib"].as_f64().expect("q")
+        / report["bf16_base_linear_mib"].as_f64().expect("b");
+    eprintln!("qlora / bf16 base linear weights: {ratio:.3}");
+    report["qlora_to_bf16_base_linear_ratio"] = ratio.into();
+    println!("{report}");
+}
+
+/// `--method dpo`: DPO step time next to LoRA's on sequences of the same length.
+fn bench_dpo(root: &Path, args: &Args, spec: &TinyLlama) {
+    let mut rng = Rng::new(9);
+    let half = args.seq_len / 2 - 2;
+    let pairs: Vec<serde_json::Value> = (0..args.batch_size * args.steps as usize)
+        .map(|_| {
+            serde_json::json!({
+                "prompt": random_text(&mut rng, half),
+                "chosen": random_text(&mut rng, half),
+                "rejected": random_text(&mut rng, half),
+            })
+        })
+        .collect();
+    write_jsonl(&root.join("prefs.jsonl"), &pairs).expect("write pairs");
+    let (dpo, dpo_peak) = run_worker(root, args, "dpo", false);
+    let (lora, lora_peak) = run_worker(root, args, "lora", false);
+    let (dpo_step, lora_step) = (
+        dpo["step_s"].as_f64().expect("step_s"),
+        lora["step_s"].as_f64().expect("step_s"),
+    );
+    eprintln!(
+        "dpo: {dpo_step:.2} s per step of {} pairs ({:.0} tokens/s, peak RSS {dpo_peak:.0} MiB); lora: {lora_step:.2} s per step of {} sequences (peak RSS {lora_peak:.0} MiB)",
+        args.batch_size,
+        dpo["tokens_per_s"].as_f64().unwrap_or(0.0),
+        args.batch_size
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "model_params_m": spec.parameters() as f64 / 1e6,
+            "seq_len_tokens": args.seq_len,
+            "pairs_per_step": args.batch_size,
+            "steps": args.steps,
+            "dpo_step_s": dpo_step,
+            "dpo_tokens_per_s": dpo["tokens_per_s"],
+            "dpo_peak_rss_mib": dpo_peak,
+            "lora_step_s": lora_step,
+            "lora_peak_rss_mib": lora_peak,
+            "dpo_to_lora_step_ratio": dpo_step / lora_step,
+        })
+    );
 }
 
 /// Peak resident set of a running process, from /proc (kB → MiB).
@@ -358,13 +525,36 @@ fn pytorch(root: &Path, python: &Path, args: &Args, batches: &[Vec<Vec<u32>>]) -
 fn main() {
     let args = parse_args();
     if let Some(root) = &args.worker {
-        // The child: train and report.
-        let opts = options(root, &args);
+        // The child: train (or only load) and report.
+        let opts = method_options(root, &args);
         let device = kubetune_trainer::model::default_device().expect("device");
+        if args.measure_load {
+            let model =
+                Llama::load_as(&opts.model_dir, &device, opts.method.base_format()).expect("load");
+            let elements: usize = model
+                .blocks()
+                .iter()
+                .flat_map(|b| b.linears())
+                .map(|l| l.dims().map(|(o, i)| o * i).expect("dims"))
+                .sum();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "base_linear_bytes": model.base_linear_bytes(),
+                    "base_linear_elements": elements,
+                    "rss_after_load_mib": rss_now_mib(),
+                })
+            );
+            return;
+        }
         let summary = train(&opts, &device, &Control::default()).expect("training runs");
+        let tokens_per_step = summary.tokens_seen as f64 / summary.steps.max(1) as f64;
         println!(
             "{}",
-            serde_json::json!({"tokens_per_s": summary.tokens_per_second})
+            serde_json::json!({
+                "tokens_per_s": summary.tokens_per_second,
+                "step_s": tokens_per_step / summary.tokens_per_second,
+            })
         );
         return;
     }
@@ -390,31 +580,15 @@ fn main() {
         spec.parameters() as f64 / 1e6,
         started.elapsed().as_secs_f64()
     );
-
-    let exe = std::env::current_exe().expect("own path");
-    let mut worker = Command::new(exe);
-    if args.recompute {
-        worker.arg("--recompute");
+    match args.method.as_str() {
+        "qlora" => return bench_qlora(root, &args, &spec),
+        "dpo" => return bench_dpo(root, &args, &spec),
+        "lora" => {}
+        other => panic!("--method {other}: expected lora, qlora or dpo"),
     }
-    let (out, rust_peak) = run_measured(
-        worker
-            .args(["--worker", &root.to_string_lossy()])
-            .args([
-                "--steps",
-                &args.steps.to_string(),
-                "--seq-len",
-                &args.seq_len.to_string(),
-            ])
-            .args([
-                "--batch-size",
-                &args.batch_size.to_string(),
-                "--rank",
-                &args.rank.to_string(),
-            ]),
-    );
-    let rust_tps = last_json(&out)["tokens_per_s"]
-        .as_f64()
-        .expect("tokens_per_s");
+
+    let (report, rust_peak) = run_worker(root, &args, "lora", false);
+    let rust_tps = report["tokens_per_s"].as_f64().expect("tokens_per_s");
     eprintln!("kubetune-trainer: {rust_tps:.0} tokens/s, peak RSS {rust_peak:.0} MiB");
 
     let mut report = serde_json::json!({

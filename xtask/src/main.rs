@@ -5,7 +5,8 @@
 //! - `test` runs every test tier: formatting, clippy, unit and integration tests.
 //! - `cluster up | down | status | env` runs a real Kubernetes control plane with
 //!   simulated GPU nodes on loopback (see `cluster/mod.rs`).
-//! - `bench trainer` measures LoRA training against PyTorch + PEFT.
+//! - `bench trainer` measures LoRA training against PyTorch + PEFT (and QLoRA's
+//!   memory, DPO's step time with `--method`).
 //! - `images` builds the operator and trainer images as OCI archives (`images.rs`).
 //! - `demo` runs kubetune's main job on a local cluster.
 
@@ -31,7 +32,8 @@ commands:
   bench trainer [ARGS]
                    LoRA training tokens/s and peak RSS against PyTorch + PEFT on the
                    same machine (ARGS go to the benchmark: --steps, --recompute,
-                   --no-pytorch, --venv DIR, ...)
+                   --no-pytorch, --venv DIR, ...); --method qlora: NF4 base-weight
+                   memory and step time against LoRA; --method dpo: DPO step time
   images           static operator and trainer (CPU) images as OCI archives in
                    ~/.cache/kubetune/images/, with buildah; no registry or engine
   demo             run kubetune's main job on a local cluster";
