@@ -69,6 +69,8 @@ pub struct Engine {
     stop_ids: Vec<u32>,
     names: Vec<String>,
     model_path: String,
+    /// `model_path` with links and `.` resolved, to match base names against.
+    canonical_path: Option<String>,
     max_model_len: usize,
     max_loras: usize,
     max_lora_rank: usize,
@@ -132,6 +134,12 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+fn already_loaded(name: &str) -> ApiError {
+    ApiError::invalid_user_input(format!(
+        "The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, set 'load_inplace' to True."
+    ))
+}
+
 fn same_base(names: &[String], model_path: &str, adapter_base: &str) -> bool {
     let wanted = last_component(adapter_base);
     names
@@ -185,6 +193,9 @@ impl Engine {
             stop_ids,
             names,
             model_path: options.model.clone(),
+            canonical_path: std::fs::canonicalize(dir)
+                .ok()
+                .map(|p| p.to_string_lossy().into_owned()),
             max_model_len,
             max_loras: options.max_loras,
             max_lora_rank: options.max_lora_rank,
@@ -267,6 +278,10 @@ impl Engine {
     /// `meta-llama/Llama-3.1-8B` matches a directory `…/Llama-3.1-8B`).
     pub fn is_same_base(&self, adapter_base: &str) -> bool {
         same_base(&self.names, &self.model_path, adapter_base)
+            || self
+                .canonical_path
+                .as_deref()
+                .is_some_and(|path| same_base(&[], path, adapter_base))
     }
 
     /// Loads the adapter in `path` under `name` (vLLM's `/v1/load_lora_adapter`),
@@ -289,9 +304,7 @@ impl Engine {
         }
         let replacing = self.read_adapters().contains_key(name);
         if replacing && !in_place {
-            return Err(ApiError::invalid_user_input(format!(
-                "The lora adapter '{name}' has already been loaded. If you want to load the adapter in place, set 'load_inplace' to True."
-            )));
+            return Err(already_loaded(name));
         }
         let dir = PathBuf::from(path);
         if !dir.join(CONFIG_FILE).is_file() || !dir.join(WEIGHTS_FILE).is_file() {
@@ -302,7 +315,10 @@ impl Engine {
         let rank = model.lora.rank;
         let mut adapters = self.write_adapters();
         // Checked again under the write lock: the server serialises loads, but the
-        // engine does not rely on that for its limit.
+        // engine does not rely on that.
+        if adapters.contains_key(name) && !in_place {
+            return Err(already_loaded(name));
+        }
         self.check_capacity(name, &adapters)?;
         adapters.insert(
             name.to_owned(),
@@ -319,10 +335,11 @@ impl Engine {
         ))
     }
 
-    /// vLLM keeps `--max-cpu-loras` adapters and evicts the least recently used; this
-    /// server has no such cache (an adapter is its tensors in memory) and refuses a
-    /// load beyond `--max-loras` instead, so that nothing disappears behind the
-    /// operator's back.
+    /// vLLM keeps every loaded name and only evicts tensors from its CPU cache
+    /// (`--max-cpu-loras`), re-reading them from the path when needed; this server
+    /// has no such cache (an adapter is its tensors in memory) and refuses a load
+    /// beyond `--max-loras` instead, so memory stays bounded and the refusal is
+    /// visible to the caller.
     fn check_capacity(
         &self,
         name: &str,
