@@ -14,7 +14,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::decimal::Money;
+use crate::decimal::{Decimal, Money};
 use crate::training::{
     CheckpointSpec, DatasetFormat, DpoSpec, Hyperparameters, LoraSpec, Method, QloraSpec,
 };
@@ -552,10 +552,11 @@ pub struct Cost {
     /// Estimated total cost at completion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimated_total: Option<Money>,
-    /// Rates applied, per GPU-hour, keyed by product and capacity type
-    /// ("NVIDIA-A100-SXM4-80GB/on-demand").
+    /// Rates applied, per GPU-hour (core-hour for CPU jobs), keyed by what was priced
+    /// and the capacity type ("NVIDIA-A100-SXM4-80GB/on-demand", "p5.48xlarge/spot",
+    /// "cpu/on-demand").
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub rates: BTreeMap<String, Money>,
+    pub rates: BTreeMap<String, Decimal>,
     /// Per-attempt breakdown.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attempts: Vec<AttemptCost>,
@@ -571,6 +572,30 @@ pub struct AttemptCost {
     pub gpu_seconds: u64,
     /// Cost of those seconds, two decimal places.
     pub amount: Money,
+    /// The exact ledger the amount is rounded from: the sum of seconds × GPUs × rate,
+    /// the rate in ten-thousandths of the currency per hour (amount = rateSeconds /
+    /// 36,000,000). Derived from pod timestamps, so recomputing it never counts twice.
+    #[serde(default)]
+    pub rate_seconds: u64,
+    /// GPU-seconds settled at an earlier price table, before pricedSince.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub settled_gpu_seconds: u64,
+    /// Rate-seconds settled at an earlier price table, before pricedSince.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub settled_rate_seconds: u64,
+    /// Start of the current pricing period: time before it keeps its earlier rates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priced_since: Option<Time>,
+    /// Version of the price table of the current period.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub price_table: String,
+    /// When the ledger was last brought up to date.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated: Option<Time>,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// The result of a succeeded job.

@@ -19,6 +19,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kubetune_crds::finetunejob::{FineTuneJob, Phase, PodMetadata};
 use kubetune_e2e::cluster_or_skip;
 use kubetune_e2e::test_support::{Cluster, TestNamespace, wait_for, workspace_root};
+use kubetune_operator::cost::TableSource;
 use kubetune_operator::finetunejob::controller::{self, Settings};
 use kubetune_operator::metrics::Metrics;
 use serde_json::json;
@@ -35,10 +36,28 @@ impl Drop for Operator {
 }
 
 fn start_operator(cluster: &Cluster, namespace: &TestNamespace) -> Operator {
+    start_operator_with(cluster, namespace, None)
+}
+
+/// An operator that prices jobs with the table in ConfigMap `prices` of the namespace.
+fn start_pricing_operator(cluster: &Cluster, namespace: &TestNamespace) -> Operator {
+    let source = TableSource {
+        namespace: namespace.name.clone(),
+        name: "prices".into(),
+    };
+    start_operator_with(cluster, namespace, Some(source))
+}
+
+fn start_operator_with(
+    cluster: &Cluster,
+    namespace: &TestNamespace,
+    price_table: Option<TableSource>,
+) -> Operator {
     let settings = Settings {
         trainer_image: "kubetune/trainer:e2e".into(),
         resync: Duration::from_secs(30),
         progress_interval: Duration::from_secs(2),
+        price_table,
     };
     let metrics = Arc::new(Metrics::register(&mut Default::default()));
     Operator(tokio::spawn(controller::run(
@@ -645,5 +664,191 @@ async fn progress_is_read_from_rank_zero_and_a_stalled_trainer_is_restarted() ->
     assert_eq!(status.restarts, 1);
     let stalled = condition(&restarted, "Stalled").context("a Stalled condition")?;
     assert!(stalled.message.contains("step 4"), "{}", stalled.message);
+    Ok(())
+}
+
+/// The price table ConfigMap the pricing operator reads.
+async fn create_prices(namespace: &TestNamespace, table: &str) -> Result<()> {
+    let config_maps: Api<k8s_openapi::api::core::v1::ConfigMap> = namespace.api();
+    let prices = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": { "name": "prices" },
+        "data": { "prices.yaml": table },
+    });
+    config_maps
+        .patch(
+            "prices",
+            &PatchParams::apply("kubetune-e2e").force(),
+            &Patch::Apply(&prices),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Spot A100s at 1.80 an hour, on demand at 3.60 (every fourth simulated node is spot).
+const PRICES: &str = "currency: USD\n\
+gpuHourly:\n  NVIDIA-A100-SXM4-80GB: {onDemand: \"3.60\", spot: \"1.80\"}\n\
+defaultGpuHourly: {onDemand: \"4.00\", spot: \"2.00\"}\n";
+
+#[tokio::test]
+async fn cost_is_the_pods_running_time_at_its_nodes_rate_across_an_operator_restart() -> Result<()>
+{
+    let cluster = cluster_or_skip!(
+        "cost_is_the_pods_running_time_at_its_nodes_rate_across_an_operator_restart"
+    );
+    let namespace = namespace(&cluster, "ftj-cost", &["models", "datasets", "adapters"]).await?;
+    create_prices(&namespace, PRICES).await?;
+    let operator = start_pricing_operator(&cluster, &namespace);
+    let ftjs: Api<FineTuneJob> = namespace.api();
+    let ftj = example("lora-a100.yaml", &[("run-for", "20s")])?;
+    ftjs.create(&PostParams::default(), &ftj).await?;
+    let running = wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
+        f.status.as_ref().and_then(|s| s.cost.as_ref()).is_some() && phase(f) == Phase::Running
+    })
+    .await?;
+    assert_eq!(
+        running
+            .status
+            .as_ref()
+            .and_then(|s| s.cost.as_ref())
+            .map(|c| c.currency.as_str()),
+        Some("USD")
+    );
+
+    // The operator goes away mid-run and another takes over.
+    drop(operator);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let _operator = start_pricing_operator(&cluster, &namespace);
+    let done = wait_for(&ftjs, "support-lora", TIMEOUT, |f| {
+        phase(f) == Phase::Succeeded
+    })
+    .await?;
+
+    // Exactly the pod's running time on its one GPU, priced at its node's capacity type.
+    let pods = pods_of(&namespace, "support-lora-a1").await?;
+    let pod = pods.first().context("the trainer pod")?;
+    let terminated = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.first())
+        .and_then(|c| c.state.as_ref()?.terminated.clone())
+        .context("the trainer terminated")?;
+    let started = terminated.started_at.context("startedAt")?.0.as_second();
+    let finished = terminated.finished_at.context("finishedAt")?.0.as_second();
+    let seconds = u64::try_from(finished - started)?;
+    assert!(seconds >= 20, "the pod ran its 20 s ({seconds})");
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let node = nodes.get(&node_of(pod).context("bound")?).await?;
+    let spot = node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("karpenter.sh/capacity-type"))
+        .is_some_and(|v| v == "spot");
+    let (rate, key) = if spot {
+        (18_000u64, "NVIDIA-A100-SXM4-80GB/spot")
+    } else {
+        (36_000, "NVIDIA-A100-SXM4-80GB/on-demand")
+    };
+    let cost = done
+        .status
+        .as_ref()
+        .and_then(|s| s.cost.clone())
+        .context("cost")?;
+    assert_eq!(cost.attempts.len(), 1);
+    assert_eq!(
+        cost.attempts[0].gpu_seconds, seconds,
+        "counted once, exactly"
+    );
+    assert_eq!(cost.attempts[0].rate_seconds, seconds * rate);
+    let cents = (seconds * rate + 180_000) / 360_000;
+    assert_eq!(
+        cost.amount.as_str(),
+        format!("{}.{:02}", cents / 100, cents % 100)
+    );
+    assert!(cost.rates.contains_key(key), "{:?}", cost.rates);
+    assert_eq!(cost.estimated_total.as_ref(), Some(&cost.amount));
+
+    // An invalid table is reported and the valid one stays in force.
+    create_prices(&namespace, "currency: dollars\n").await?;
+    let events: Api<k8s_openapi::api::events::v1::Event> = namespace.api();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let found = events
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("InvalidPriceTable")
+                    && e.note
+                        .as_deref()
+                        .is_some_and(|n| n.contains("stays in force"))
+            });
+        if found {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no InvalidPriceTable event"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_budget_too_small_is_refused_and_a_budget_reached_stops_the_run() -> Result<()> {
+    let cluster =
+        cluster_or_skip!("a_budget_too_small_is_refused_and_a_budget_reached_stops_the_run");
+    let namespace = namespace(&cluster, "ftj-budget", &["models", "datasets", "adapters"]).await?;
+    // 360 an hour, spot or not: 0.10 a second.
+    create_prices(
+        &namespace,
+        "currency: USD\ngpuHourly:\n  NVIDIA-A100-SXM4-80GB: {onDemand: \"360\", spot: \"360\"}\n\
+         defaultGpuHourly: {onDemand: \"360\", spot: \"360\"}\n",
+    )
+    .await?;
+    let _operator = start_pricing_operator(&cluster, &namespace);
+    let ftjs: Api<FineTuneJob> = namespace.api();
+
+    // 1.00 does not pay the first minute (6.00): refused, nothing created.
+    let mut small = example("lora-a100.yaml", &[("outcome", "run")])?;
+    small.metadata.name = Some("too-small".into());
+    small.spec.budget = Some(serde_json::from_value(json!({ "maxCost": "1.00" }))?);
+    ftjs.create(&PostParams::default(), &small).await?;
+    let refused = wait_for(&ftjs, "too-small", TIMEOUT, |f| {
+        condition(f, "Admitted").is_some_and(|c| c.reason == "BudgetTooSmall")
+    })
+    .await?;
+    assert_eq!(phase(&refused), Phase::Pending);
+
+    // 6.50 pays the first minute and runs out at 65 s.
+    let mut capped = example("lora-a100.yaml", &[("outcome", "run")])?;
+    capped.metadata.name = Some("capped".into());
+    capped.spec.budget = Some(serde_json::from_value(json!({ "maxCost": "6.50" }))?);
+    ftjs.create(&PostParams::default(), &capped).await?;
+    let stopped = wait_for(&ftjs, "capped", Duration::from_secs(150), |f| {
+        phase(f) == Phase::Failed
+    })
+    .await?;
+    let failed = condition(&stopped, "Failed").context("Failed condition")?;
+    assert_eq!(failed.reason, "BudgetExceeded");
+    let cost = stopped
+        .status
+        .as_ref()
+        .and_then(|s| s.cost.clone())
+        .context("cost")?;
+    let cents = kubetune_crds::Money::cents(&cost.amount)?;
+    assert!((650..=700).contains(&cents), "stopped at {}", cost.amount);
+    assert!(
+        condition(&stopped, "BudgetWarning").is_some(),
+        "warned at 80 %"
+    );
+    let jobs: Api<Job> = namespace.api();
+    wait_for_gone(&jobs, "capped-a1").await?;
+    assert!(jobs.get_opt("too-small-a1").await?.is_none());
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! reconcilers read state, call them and apply the result.
 
 pub mod conditions;
+pub mod cost;
 pub mod error;
 pub mod finetunejob;
 pub mod leader;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use kube::Api;
+use kubetune_operator::cost::TableSource;
 use kubetune_operator::finetunejob::controller::{self, Settings};
 use kubetune_operator::leader::Elector;
 use kubetune_operator::metrics::Metrics;
@@ -66,6 +67,11 @@ struct Flags {
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
 
+    /// The ConfigMap, in the operator's namespace (--lease-namespace), holding the price
+    /// table under `prices.yaml`. Without it no cost is computed.
+    #[arg(long, env = "KUBETUNE_PRICE_TABLE")]
+    price_table: Option<String>,
+
     /// Log format.
     #[arg(long, env = "KUBETUNE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
@@ -102,6 +108,10 @@ async fn main() -> anyhow::Result<()> {
         trainer_image: flags.trainer_image,
         resync: Duration::from_secs(flags.resync_seconds),
         progress_interval: Duration::from_secs(flags.progress_interval_seconds),
+        price_table: flags.price_table.map(|name| TableSource {
+            namespace: flags.lease_namespace.clone(),
+            name,
+        }),
     };
     let controllers = controller::run(client.clone(), flags.namespaces, settings, metrics);
     let work = async {

@@ -11,6 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 use kubetune_crds::Phase;
 
@@ -60,6 +61,23 @@ pub struct Metrics {
     pub jobs: Family<PhaseLabels, Gauge>,
     /// Reads of trainer progress that failed (the trainer did not answer).
     pub progress_read_failures: Counter,
+    /// 1 while the last price table read is valid, 0 after an invalid one.
+    pub price_table_valid: Gauge,
+    /// Price tables refused as invalid.
+    pub price_table_errors: Counter,
+    /// GPU-hours (core-hours for CPU jobs) consumed, by job.
+    pub gpu_hours: Family<JobLabels, Counter<f64, AtomicU64>>,
+    /// Compute cost accrued in the price table's currency, by job.
+    pub cost: Family<JobLabels, Counter<f64, AtomicU64>>,
+}
+
+/// Labels of the per-job cost counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    /// The job's namespace.
+    pub namespace: String,
+    /// The FineTuneJob's name.
+    pub job: String,
 }
 
 impl Metrics {
@@ -73,6 +91,10 @@ impl Metrics {
             }),
             jobs: Family::default(),
             progress_read_failures: Counter::default(),
+            price_table_valid: Gauge::default(),
+            price_table_errors: Counter::default(),
+            gpu_hours: Family::default(),
+            cost: Family::default(),
         };
         let registry = registry.sub_registry_with_prefix("kubetune");
         registry.register("reconciles", "Reconciles run", metrics.reconciles.clone());
@@ -95,6 +117,26 @@ impl Metrics {
             "progress_read_failures",
             "Reads of trainer progress that failed",
             metrics.progress_read_failures.clone(),
+        );
+        registry.register(
+            "price_table_valid",
+            "1 while the last price table read is valid",
+            metrics.price_table_valid.clone(),
+        );
+        registry.register(
+            "price_table_errors",
+            "Price tables refused as invalid",
+            metrics.price_table_errors.clone(),
+        );
+        registry.register(
+            "gpu_hours",
+            "GPU-hours (core-hours for CPU jobs) consumed by FineTuneJobs",
+            metrics.gpu_hours.clone(),
+        );
+        registry.register(
+            "cost",
+            "Compute cost accrued by FineTuneJobs, in the price table's currency",
+            metrics.cost.clone(),
         );
         metrics
     }

@@ -6,10 +6,12 @@
 //! - `cluster up | down | status | env` runs a real Kubernetes control plane with
 //!   simulated GPU nodes on loopback (see `cluster/mod.rs`).
 //! - `bench trainer` measures LoRA training against PyTorch + PEFT (and QLoRA's
-//!   memory, DPO's step time with `--method`).
+//!   memory, DPO's step time with `--method`); `bench operator`
+//!   measures the operator under 1,000 jobs (`bench.rs`).
 //! - `images` builds the operator and trainer images as OCI archives (`images.rs`).
 //! - `demo` runs kubetune's main job on a local cluster.
 
+mod bench;
 mod cluster;
 mod crds;
 mod images;
@@ -34,6 +36,10 @@ commands:
                    same machine (ARGS go to the benchmark: --steps, --recompute,
                    --no-pytorch, --venv DIR, ...); --method qlora: NF4 base-weight
                    memory and step time against LoRA; --method dpo: DPO step time
+  bench operator [--jobs N] [--steady-seconds S]
+                   1,000 LoRA FineTuneJobs at once on the local cluster: time until
+                   every Job exists and every pod is bound, the operator's peak RSS,
+                   reconciles per job per minute at steady state
   images           static operator and trainer (CPU) images as OCI archives in
                    ~/.cache/kubetune/images/, with buildah; no registry or engine
   demo             run kubetune's main job on a local cluster";
@@ -71,7 +77,10 @@ fn run(args: &[String]) -> Result<()> {
                 ])
                 .args(rest),
         ),
-        ["bench", ..] => bail!("no such benchmark; available: `cargo xtask bench trainer`"),
+        ["bench", "operator", rest @ ..] => bench::operator(&root(), rest),
+        ["bench", ..] => bail!(
+            "no such benchmark; available: `cargo xtask bench trainer`, `cargo xtask bench operator`"
+        ),
         ["demo"] => demo(),
         ["help" | "--help" | "-h"] | [] => {
             println!("{USAGE}");

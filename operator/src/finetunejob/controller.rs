@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use futures::{Future, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -22,12 +23,13 @@ use kube::{Api, Client, Resource, ResourceExt};
 use kubetune_crds::{FineTuneJob, Phase};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::cost::{self, PriceBook, TableSource};
 use crate::error::Error;
 use crate::finetunejob::observe;
-use crate::finetunejob::plan::{self, Action, Observed};
+use crate::finetunejob::plan::{self, Action, CostInputs, Observed};
 use crate::finetunejob::progress::ProgressReader;
 use crate::finetunejob::render::{self, ATTEMPT_LABEL, AttemptContext, JOB_LABEL};
-use crate::metrics::Metrics;
+use crate::metrics::{JobLabels, Metrics};
 use crate::names;
 
 /// The field manager of everything the operator writes.
@@ -43,6 +45,8 @@ pub struct Settings {
     /// The least time between two reads of a running job's progress (and so between
     /// two status writes of it).
     pub progress_interval: Duration,
+    /// The price table's ConfigMap; `None` to compute no cost.
+    pub price_table: Option<TableSource>,
 }
 
 /// What every reconcile shares.
@@ -52,6 +56,9 @@ pub struct Context {
     settings: Settings,
     metrics: Arc<Metrics>,
     progress: ProgressReader,
+    prices: Arc<PriceBook>,
+    /// Node labels (metadata only), to price the nodes trainer pods run on.
+    nodes: Store<PartialObjectMeta<Node>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -70,18 +77,46 @@ pub async fn run(
     settings: Settings,
     metrics: Arc<Metrics>,
 ) {
-    let context = Arc::new(Context {
-        recorder: Recorder::new(
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
+    let prices = Arc::new(PriceBook::default());
+    let watch_prices = {
+        let (client, prices, recorder, metrics) = (
             client.clone(),
-            Reporter {
-                controller: FIELD_MANAGER.into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        ),
+            prices.clone(),
+            recorder.clone(),
+            metrics.clone(),
+        );
+        let source = settings.price_table.clone();
+        async move {
+            match source {
+                Some(source) => cost::watch_table(client, source, prices, recorder, metrics).await,
+                None => futures::future::pending().await,
+            }
+        }
+    };
+    // Only metadata: labels are all the ledger reads, and full Node objects are large.
+    let (nodes, node_writer) = reflector::store();
+    let watch_nodes = watcher(
+        Api::<PartialObjectMeta<Node>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(node_writer)
+    .for_each(|_| std::future::ready(()));
+    let context = Arc::new(Context {
+        recorder,
         progress: ProgressReader::new(settings.progress_interval, Duration::from_secs(2)),
         client: client.clone(),
         settings,
         metrics: metrics.clone(),
+        prices,
+        nodes,
     });
     let scopes: Vec<Option<String>> = if namespaces.is_empty() {
         vec![None]
@@ -95,6 +130,8 @@ pub async fn run(
     tokio::select! {
         _ = futures::future::join_all(controllers) => {}
         () = count_phases(stores, metrics) => {}
+        () = watch_prices => {}
+        () = watch_nodes => {}
     }
 }
 
@@ -245,6 +282,31 @@ async fn reconcile_inner(
         Some(job) => read_progress(ftj, job, context).await,
         None => None,
     };
+    let cost = context.prices.current().map(|table| {
+        let product = ftj
+            .spec
+            .resources
+            .gpu
+            .as_ref()
+            .map(|gpu| gpu.product.as_str());
+        let pods = job
+            .iter()
+            .flat_map(|job| &job.pods)
+            .map(|pod| {
+                let node = pod
+                    .node
+                    .as_ref()
+                    .and_then(|name| context.nodes.get(&ObjectRef::new(name)))
+                    .and_then(|node| node.metadata.labels.clone());
+                cost::usage(pod, node.as_ref(), &table, product)
+            })
+            .collect();
+        CostInputs {
+            table,
+            attempt: job.as_ref().and(attempt),
+            pods,
+        }
+    });
 
     let plan = plan::plan(
         ftj,
@@ -252,9 +314,11 @@ async fn reconcile_inner(
             missing_claims,
             job,
             report,
+            cost,
         },
         Timestamp::now(),
     );
+    count_cost(context, namespace, name, ftj.status.as_ref(), &plan.status);
 
     for action in &plan.actions {
         execute(ftj, context, namespace, action).await?;
@@ -297,6 +361,40 @@ async fn reconcile_inner(
         after = after.min(context.progress.interval());
     }
     Ok(Requeue::requeue(after.min(context.settings.resync)))
+}
+
+/// Adds what this reconcile accrued to the per-job GPU-hour and cost counters.
+fn count_cost(
+    context: &Context,
+    namespace: &str,
+    name: &str,
+    before: Option<&kubetune_crds::FineTuneJobStatus>,
+    after: &kubetune_crds::FineTuneJobStatus,
+) {
+    let totals = |status: Option<&kubetune_crds::FineTuneJobStatus>| {
+        status.and_then(|s| s.cost.as_ref()).map_or((0, 0), |cost| {
+            let gpu_seconds: u64 = cost.attempts.iter().map(|a| a.gpu_seconds).sum();
+            (gpu_seconds, crate::cost::ledger::rate_seconds(cost))
+        })
+    };
+    let (gpu_before, rate_before) = totals(before);
+    let (gpu_after, rate_after) = totals(Some(after));
+    let labels = JobLabels {
+        namespace: namespace.to_owned(),
+        job: name.to_owned(),
+    };
+    if gpu_after > gpu_before {
+        let hours = (gpu_after - gpu_before) as f64 / 3600.0;
+        context
+            .metrics
+            .gpu_hours
+            .get_or_create(&labels)
+            .inc_by(hours);
+    }
+    if rate_after > rate_before {
+        let amount = (rate_after - rate_before) as f64 / 36_000_000.0;
+        context.metrics.cost.get_or_create(&labels).inc_by(amount);
+    }
 }
 
 /// Reads rank 0's progress when the job is running and due a read. A trainer that does

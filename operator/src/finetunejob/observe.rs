@@ -10,6 +10,9 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kubetune_crds::training::contract;
 
+/// The extended resource of NVIDIA's device plugin.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
 /// The annotation an Indexed Job puts on each pod: its index, which is its rank.
 pub const COMPLETION_INDEX: &str = "batch.kubernetes.io/job-completion-index";
 
@@ -96,7 +99,7 @@ pub struct Failure {
 }
 
 /// One trainer pod.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ObservedPod {
     /// The pod's name.
     pub name: String,
@@ -108,6 +111,12 @@ pub struct ObservedPod {
     pub ip: Option<String>,
     /// When its trainer container started running, if it did.
     pub running_since: Option<Timestamp>,
+    /// When its trainer container stopped, if it did.
+    pub ended: Option<Timestamp>,
+    /// GPUs it holds (the trainer container's `nvidia.com/gpu` limit).
+    pub gpus: u64,
+    /// CPU it requests, in millicores.
+    pub cpu_millis: u64,
     /// Whether it runs now.
     pub running: bool,
     /// Why it failed, if it did.
@@ -222,6 +231,25 @@ pub fn pod(pod: &Pod) -> ObservedPod {
         .flatten()
         .and_then(|t| t.message.clone())
         .filter(|m| !m.trim().is_empty());
+    let ended = state
+        .and_then(|s| s.terminated.as_ref())
+        .and_then(|t| t.finished_at.as_ref())
+        .map(|t| t.0);
+    let resources = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.iter().find(|c| c.name == "trainer"))
+        .and_then(|c| c.resources.as_ref());
+    let gpus = resources
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get(GPU_RESOURCE))
+        .and_then(|q| q.0.parse().ok())
+        .unwrap_or(0);
+    let cpu_millis = resources
+        .and_then(|r| r.requests.as_ref())
+        .and_then(|l| l.get("cpu"))
+        .and_then(|q| crate::cost::millicores(&q.0))
+        .unwrap_or(0);
     let rank = pod
         .metadata
         .annotations
@@ -235,6 +263,9 @@ pub fn pod(pod: &Pod) -> ObservedPod {
         rank,
         ip: status.and_then(|s| s.pod_ip.clone()),
         running_since,
+        ended,
+        gpus,
+        cpu_millis,
         running: phase == "Running",
         failure,
         waiting,

@@ -7,14 +7,20 @@
 //! returns, so the next reconcile, in this process or another, continues where this one
 //! stopped.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kubetune_crds::finetunejob::{Attempt, Children, FineTuneJob, FineTuneJobStatus, Phase};
+use kubetune_crds::Money;
+use kubetune_crds::finetunejob::{
+    Attempt, AttemptCost, Children, Cost, FineTuneJob, FineTuneJobStatus, Phase,
+};
 use kubetune_crds::training::contract::ProgressReport;
 
 use crate::conditions::{self, Desired};
+use crate::cost::ledger::{self, PodUsage};
+use crate::cost::prices::PriceTable;
 use crate::finetunejob::observe::{Failure, FailureClass, JobOutcome, ObservedJob};
 use crate::finetunejob::{progress, render};
 use crate::names;
@@ -28,6 +34,19 @@ pub struct Observed {
     pub job: Option<ObservedJob>,
     /// Rank 0's progress, when it was read for this reconcile.
     pub report: Option<ProgressReport>,
+    /// What the cost ledger needs; `None` while no valid price table is loaded.
+    pub cost: Option<CostInputs>,
+}
+
+/// The price table in force and the observed attempt's pods, priced.
+#[derive(Clone, Debug)]
+pub struct CostInputs {
+    /// The table.
+    pub table: Arc<PriceTable>,
+    /// The attempt the pods belong to, when its Job was observed.
+    pub attempt: Option<u32>,
+    /// Its pods.
+    pub pods: Vec<PodUsage>,
 }
 
 /// A change the reconciler makes to the cluster.
@@ -264,7 +283,14 @@ pub fn plan(ftj: &FineTuneJob, observed: &Observed, now: Timestamp) -> Plan {
         requeue_after: None,
     };
     planner.status.observed_generation = ftj.metadata.generation;
-    step(&mut planner, observed);
+    let terminal = planner.status.phase.is_terminal();
+    let stopped = !terminal && account(&mut planner, observed);
+    if !stopped {
+        step(&mut planner, observed);
+    }
+    if !terminal {
+        total_cost(&mut planner, observed);
+    }
     Plan {
         status: planner.status,
         actions: planner.actions,
@@ -317,6 +343,11 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
     );
 
     let Some(current) = p.status.attempts.last().cloned() else {
+        if let Some(message) = unaffordable(p.ftj, observed.cost.as_ref()) {
+            p.condition("Admitted", false, "BudgetTooSmall", message);
+            p.set_phase(Phase::Pending);
+            return;
+        }
         p.start_attempt(1, 0);
         return;
     };
@@ -453,6 +484,173 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
         }
         JobOutcome::Active => active(p, job, &current, nodes, observed.report.as_ref()),
     }
+}
+
+/// Accrues the observed attempt's pods into `status.cost` and enforces the budget.
+/// Returns whether the job was stopped for its budget.
+fn account(p: &mut Planner<'_>, observed: &Observed) -> bool {
+    let Some(inputs) = &observed.cost else {
+        return false;
+    };
+    let table = &inputs.table;
+    let mut cost = p.status.cost.clone().unwrap_or_else(|| Cost {
+        currency: table.currency.clone(),
+        amount: Money::from_cents(0),
+        gpu_hours: ledger::hours(0),
+        lost_gpu_hours: None,
+        estimated_total: None,
+        rates: Default::default(),
+        attempts: Vec::new(),
+    });
+    if let Some(number) = inputs.attempt {
+        let index = match cost.attempts.iter().position(|a| a.number == number) {
+            Some(index) => index,
+            None => {
+                cost.attempts.push(AttemptCost {
+                    number,
+                    gpu_seconds: 0,
+                    amount: Money::from_cents(0),
+                    rate_seconds: 0,
+                    settled_gpu_seconds: 0,
+                    settled_rate_seconds: 0,
+                    priced_since: None,
+                    price_table: String::new(),
+                    updated: None,
+                });
+                cost.attempts.len() - 1
+            }
+        };
+        let rates = ledger::accrue(
+            &mut cost.attempts[index],
+            &inputs.pods,
+            &table.version,
+            p.now,
+        );
+        cost.rates.extend(ledger::rate_strings(&rates));
+    }
+    let accrued = ledger::cents(ledger::rate_seconds(&cost));
+    let currency = cost.currency.clone();
+    p.status.cost = Some(cost);
+
+    let Some(budget) = &p.ftj.spec.budget else {
+        return false;
+    };
+    let Ok(max) = budget.max_cost.cents() else {
+        return false;
+    };
+    let amount = |cents: u64| format!("{} {currency}", Money::from_cents(cents));
+    if accrued >= max {
+        let message = format!(
+            "the run cost {} and reached its budget of {}; stopped the trainer, its last checkpoint is kept",
+            amount(accrued),
+            amount(max)
+        );
+        if let Some(job) = &observed.job {
+            p.actions.push(Action::DeleteJob {
+                job: job.name.clone(),
+            });
+        }
+        let open = p
+            .status
+            .attempts
+            .last()
+            .is_some_and(|a| a.end_time.is_none());
+        if open {
+            let nodes = observed
+                .job
+                .iter()
+                .flat_map(|job| job.pods.iter().filter_map(|pod| pod.node.clone()))
+                .collect();
+            p.end_attempt("BudgetExceeded", &message, nodes);
+        }
+        p.condition("BudgetExceeded", true, "BudgetExceeded", message.clone());
+        p.finish(Phase::Failed, "BudgetExceeded", message);
+        return true;
+    }
+    let warned = conditions::is_true(&p.status.conditions, "BudgetWarning");
+    if accrued * 100 >= max * u64::from(budget.warn_percent) && !warned {
+        let message = format!(
+            "the run has cost {}, {}% of its budget of {}",
+            amount(accrued),
+            accrued * 100 / max.max(1),
+            amount(max)
+        );
+        p.condition("BudgetWarning", true, "BudgetWarning", message.clone());
+        p.event("BudgetWarning", message, true);
+    }
+    false
+}
+
+/// The job's cost totals and estimate, once this reconcile's attempts are settled.
+fn total_cost(p: &mut Planner<'_>, observed: &Observed) {
+    let lost: Vec<u32> = p
+        .status
+        .attempts
+        .iter()
+        .filter(|a| a.end_time.is_some() && a.reason.as_deref() != Some("Succeeded"))
+        .map(|a| a.number)
+        .collect();
+    let phase = p.status.phase;
+    let eta = p
+        .status
+        .progress
+        .as_ref()
+        .and_then(|progress| progress.eta_seconds);
+    let Some(cost) = p.status.cost.as_mut() else {
+        return;
+    };
+    ledger::total(cost, &lost);
+    let burn = observed
+        .cost
+        .as_ref()
+        .map_or(0, |inputs| ledger::burn_rate(&inputs.pods));
+    cost.estimated_total = match (phase, eta) {
+        (Phase::Succeeded, _) => Some(cost.amount.clone()),
+        (Phase::Running, Some(eta)) if burn > 0 => Some(Money::from_cents(ledger::cents(
+            ledger::rate_seconds(cost) + eta * burn,
+        ))),
+        _ => cost.estimated_total.take(),
+    };
+}
+
+/// Why a budget cannot pay for the first minute of the requested compute at the
+/// cheapest rate the table has for it, or `None` when it can (or nothing says).
+fn unaffordable(ftj: &FineTuneJob, inputs: Option<&CostInputs>) -> Option<String> {
+    let budget = ftj.spec.budget.as_ref()?;
+    let table = &inputs?.table;
+    let max = budget.max_cost.cents().ok()?;
+    let resources = &ftj.spec.resources;
+    let nodes = u64::from(resources.nodes);
+    let (units, rate, what) = match &resources.gpu {
+        Some(gpu) => (
+            nodes * u64::from(gpu.per_node),
+            table.cheapest_gpu_rate(&gpu.product),
+            format!("{} × {}", nodes * u64::from(gpu.per_node), gpu.product),
+        ),
+        None => {
+            let cores = resources
+                .cpu
+                .as_deref()
+                .and_then(crate::cost::millicores)
+                .map_or(1, |m| m.div_ceil(1000).max(1));
+            (
+                nodes * cores,
+                table.cheapest_cpu_rate()?,
+                format!("{} CPU cores", nodes * cores),
+            )
+        }
+    };
+    let first_minute = 60 * units * rate;
+    let cents = ledger::cents(first_minute);
+    (max * 360_000 < first_minute).then(|| {
+        format!(
+            "budget.maxCost {} {} cannot pay for the first minute of {what} ({} {} at the cheapest rate)",
+            budget.max_cost,
+            table.currency,
+            Money::from_cents(cents.max(1)),
+            table.currency
+        )
+    })
 }
 
 /// The job is suspended by its spec.
@@ -625,8 +823,8 @@ mod tests {
             running_since: running.then(|| at(5)),
             running,
             failure,
-            waiting: None,
-            result: None,
+            gpus: 1,
+            ..ObservedPod::default()
         }
     }
 
@@ -641,6 +839,7 @@ mod tests {
                 pods,
             }),
             report: None,
+            cost: None,
         }
     }
 
@@ -1061,6 +1260,197 @@ mod tests {
                 attempt: 1,
                 suspend: true
             }]
+        );
+    }
+
+    const PRICES: &str = "currency: USD\n\
+        gpuHourly:\n  NVIDIA-A100-SXM4-80GB: {onDemand: \"3.60\", spot: \"1.80\"}\n\
+        defaultGpuHourly: {onDemand: \"4.00\", spot: \"2.00\"}\n";
+
+    fn priced(observed: Observed, attempt: u32, started: i64) -> Observed {
+        let table = Arc::new(PriceTable::parse(PRICES).expect("valid"));
+        let pods = observed
+            .job
+            .iter()
+            .flat_map(|job| &job.pods)
+            .map(|pod| PodUsage {
+                running_since: pod.running.then(|| at(started)),
+                ended: None,
+                units: 1,
+                priced: Some(table.gpu_rate(None, "NVIDIA-A100-SXM4-80GB")),
+            })
+            .collect();
+        Observed {
+            cost: Some(CostInputs {
+                table,
+                attempt: Some(attempt),
+                pods,
+            }),
+            ..observed
+        }
+    }
+
+    fn with_budget(max: &str) -> FineTuneJob {
+        let mut ftj = finetunejob_from_example("lora-a100.yaml");
+        ftj.spec.budget = Some(kubetune_crds::finetunejob::Budget {
+            max_cost: max.parse().expect("money"),
+            warn_percent: 80,
+        });
+        ftj
+    }
+
+    #[test]
+    fn cost_accrues_while_running_with_an_estimate_from_the_eta() {
+        let ftj = finetunejob_from_example("lora-a100.yaml");
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        let mut observed = priced(running_with(Some(training(50))), 1, 0);
+        if let Some(report) = observed.report.as_mut() {
+            report.eta_seconds = Some(1_800.0);
+        }
+        let plan = plan(&ftj, &observed, at(1_800));
+        let cost = plan.status.cost.expect("cost");
+        assert_eq!(cost.amount.as_str(), "1.80");
+        assert_eq!(cost.gpu_hours, "0.5000");
+        assert_eq!(
+            cost.estimated_total.map(|m| m.to_string()).as_deref(),
+            Some("3.60")
+        );
+        assert_eq!(
+            cost.rates
+                .get("NVIDIA-A100-SXM4-80GB/on-demand")
+                .map(|d| d.as_str()),
+            Some("3.60")
+        );
+    }
+
+    #[test]
+    fn a_budget_warns_once_then_stops_the_job() {
+        let ftj = with_budget("2.00");
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        let running = || priced(job(JobOutcome::Active, vec![pod(0, true, None)]), 1, 0);
+
+        // 1.80 is 90 % of 2.00: a warning.
+        let warned = plan(&ftj, &running(), at(1_800));
+        assert!(
+            warned
+                .transitions
+                .iter()
+                .any(|t| t.reason == "BudgetWarning" && t.warning)
+        );
+        assert!(warned.actions.is_empty());
+        let ftj = with_status(ftj, &warned);
+        let again = plan(&ftj, &running(), at(1_850));
+        assert!(
+            !again
+                .transitions
+                .iter()
+                .any(|t| t.reason == "BudgetWarning"),
+            "once"
+        );
+
+        // 2.00 reached: stopped, Failed with BudgetExceeded, the Job deleted.
+        let stopped = plan(&ftj, &running(), at(2_000));
+        assert_eq!(stopped.status.phase, Phase::Failed);
+        assert_eq!(stopped.actions, delete_attempt_one());
+        let failed = conditions::get(&stopped.status.conditions, "Failed").expect("set");
+        assert_eq!(failed.reason, "BudgetExceeded");
+        assert!(failed.message.contains("2.00 USD"), "{}", failed.message);
+        assert_eq!(
+            stopped.status.attempts[0].reason.as_deref(),
+            Some("BudgetExceeded")
+        );
+        assert_eq!(stopped.status.cost.expect("cost").amount.as_str(), "2.00");
+    }
+
+    #[test]
+    fn a_budget_that_cannot_pay_the_first_minute_is_refused_at_admission() {
+        // One A100 at 1.80 an hour at best: a minute costs 0.03.
+        let ftj = with_budget("0.01");
+        let observed = priced(Observed::default(), 1, 0);
+        let refused = plan(
+            &ftj,
+            &Observed {
+                cost: observed.cost,
+                ..Observed::default()
+            },
+            at(0),
+        );
+        assert!(refused.actions.is_empty());
+        assert_eq!(refused.status.phase, Phase::Pending);
+        let admitted = conditions::get(&refused.status.conditions, "Admitted").expect("set");
+        assert_eq!(admitted.reason, "BudgetTooSmall");
+        assert!(
+            admitted.message.contains("first minute"),
+            "{}",
+            admitted.message
+        );
+
+        let enough = with_budget("0.05");
+        let observed = priced(Observed::default(), 1, 0);
+        let admitted = plan(
+            &enough,
+            &Observed {
+                cost: observed.cost,
+                ..Observed::default()
+            },
+            at(0),
+        );
+        assert_eq!(admitted.actions, ensure(1));
+    }
+
+    #[test]
+    fn restarts_keep_the_cost_of_earlier_attempts_as_lost_time() {
+        let ftj = finetunejob_from_example("lora-a100.yaml");
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        // Attempt 1 runs an hour and fails.
+        let crash = Failure {
+            class: FailureClass::Error,
+            message: "segfault".into(),
+        };
+        let mut failed = priced(job(JobOutcome::Failed, vec![pod(0, true, None)]), 1, 0);
+        if let Some(job) = failed.job.as_mut() {
+            job.pods[0].failure = Some(crash);
+        }
+        let restart = plan(&ftj, &failed, at(3_600));
+        let ftj = with_status(ftj, &restart);
+        let cost = restart.status.cost.clone().expect("cost");
+        assert_eq!(cost.lost_gpu_hours.as_deref(), Some("1.0000"));
+        // Attempt 2 runs half an hour; attempt 1's pods are gone, its cost stays.
+        let mut second = priced(job(JobOutcome::Active, vec![pod(0, true, None)]), 2, 3_700);
+        if let Some(job) = second.job.as_mut() {
+            job.name = "support-lora-a2".into();
+        }
+        let later = plan(&ftj, &second, at(5_500));
+        let cost = later.status.cost.expect("cost");
+        assert_eq!(cost.attempts.len(), 2);
+        assert_eq!(cost.gpu_hours, "1.5000");
+        assert_eq!(cost.amount.as_str(), "5.40");
+    }
+
+    #[test]
+    fn a_finished_jobs_cost_is_final() {
+        let ftj = finetunejob_from_example("lora-a100.yaml");
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        let done = plan(
+            &ftj,
+            &priced(job(JobOutcome::Complete, vec![pod(0, true, None)]), 1, 0),
+            at(3_600),
+        );
+        let ftj = with_status(ftj, &done);
+        let much_later = plan(
+            &ftj,
+            &priced(job(JobOutcome::Complete, vec![pod(0, true, None)]), 1, 0),
+            at(36_000),
+        );
+        assert_eq!(much_later.status.cost, done.status.cost);
+        assert_eq!(
+            done.status
+                .cost
+                .expect("cost")
+                .estimated_total
+                .map(|m| m.to_string())
+                .as_deref(),
+            Some("3.60")
         );
     }
 }

@@ -9,8 +9,8 @@
 //! `$KUBETUNE_CLUSTER_DIR`, else `${KUBETUNE_CACHE:-~/.cache/kubetune}/cluster`.
 //! Every component listens on 127.0.0.1 only.
 
-mod components;
-mod nodes;
+pub(crate) mod components;
+pub(crate) mod nodes;
 mod pki;
 
 use std::fs::File;
@@ -209,15 +209,33 @@ fn save(layout: &Layout, state: &State) -> Result<()> {
     std::fs::rename(&tmp, &path).with_context(|| format!("failed to write {}", path.display()))
 }
 
+/// kubectl for the cluster that is up, for other xtask commands (the benchmarks); fails
+/// when none is.
+pub(crate) fn connect() -> Result<Kubectl> {
+    let layout = layout()?;
+    let Some(state) = load(&layout)? else {
+        bail!(
+            "no cluster is up (no state in {}): run `cargo xtask cluster up`",
+            layout.dir.display()
+        );
+    };
+    Ok(kubectl_for(&layout, &state))
+}
+
 /// kubectl v1.34 from the build, with a kubeconfig.
 #[derive(Debug, Clone)]
-struct Kubectl {
+pub(crate) struct Kubectl {
     program: PathBuf,
     kubeconfig: PathBuf,
 }
 
 impl Kubectl {
-    fn command(&self) -> Command {
+    /// The cluster's admin kubeconfig.
+    pub(crate) fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    pub(crate) fn command(&self) -> Command {
         let mut command = Command::new(&self.program);
         command
             .arg("--kubeconfig")
@@ -242,7 +260,7 @@ impl Kubectl {
     }
 
     /// Runs kubectl, failing with its stderr.
-    fn run(&self, what: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    pub(crate) fn run(&self, what: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
         let mut command = self.command();
         command
             .args(args)
@@ -655,9 +673,6 @@ fn start_all(
                 nodes::KWOK_ANNOTATION_VALUE
             ),
             "--node-ip=127.0.0.1".into(),
-            // Simulated pods get loopback IPs, so a test can serve a trainer's progress
-            // at a pod's IP from a local process; /12 holds a million pods.
-            "--cidr=127.128.0.1/12".into(),
             format!("--server-address=127.0.0.1:{}", ports.kwok),
             arg("--tls-cert-file", &pki.components.cert),
             arg("--tls-private-key-file", &pki.components.key),

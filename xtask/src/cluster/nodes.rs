@@ -96,13 +96,19 @@ fn short_name(product: &str) -> String {
 /// Node status (capacity, allocatable) is part of the object on create; kwok then
 /// keeps the nodes' conditions and leases fresh.
 pub fn manifests(pools: &[Pool]) -> String {
+    manifests_at(pools, "", 0)
+}
+
+/// Like [`manifests`], for nodes added to a running cluster: names start with `prefix`
+/// and pod CIDRs with the `first`-th /24, so they collide with no node `up` made.
+pub fn manifests_at(pools: &[Pool], prefix: &str, first: usize) -> String {
     let mut out = String::new();
-    let mut index = 0usize;
+    let mut index = first;
     for pool in pools {
         let (instance_type, cpu, memory_gib) = machine(&pool.product, pool.gpus);
         let stem = short_name(&pool.product);
         for i in 0..pool.count {
-            let name = format!("{stem}-{i}");
+            let name = format!("{prefix}{stem}-{i}");
             let capacity_type = if i % SPOT_EVERY == SPOT_EVERY - 1 {
                 "spot"
             } else {
