@@ -355,6 +355,28 @@ pub fn phase(pod: &Pod) -> &str {
         .unwrap_or("")
 }
 
+/// The example with its `metadata.namespace` moved into the test's namespace, so
+/// the dry run does not depend on (or touch) the namespace the example names.
+/// Only that line changes; everything else reaches kubectl byte for byte.
+pub fn in_namespace(text: &str, namespace: &str) -> String {
+    let mut in_metadata = false;
+    let mut moved = false;
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if !line.starts_with(' ') && !line.starts_with('#') && !line.is_empty() {
+            in_metadata = line == "metadata:";
+        }
+        if in_metadata && !moved && line.starts_with("  namespace:") {
+            out.push_str(&format!("  namespace: {namespace}\n"));
+            moved = true;
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Where the examples live.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -414,5 +436,16 @@ mod tests {
             .build()
             .expect("builds");
         assert!(bare.spec.expect("spec").tolerations.is_none());
+    }
+
+    #[test]
+    fn only_the_metadata_namespace_of_an_example_is_moved() {
+        let text = "# c\napiVersion: v1\nkind: X\nmetadata:\n  name: a\n  namespace: ml-team\n\
+                    spec:\n  source:\n  namespace: keep\n";
+        assert_eq!(
+            in_namespace(text, "e2e-x"),
+            "# c\napiVersion: v1\nkind: X\nmetadata:\n  name: a\n  namespace: e2e-x\n\
+             spec:\n  source:\n  namespace: keep\n"
+        );
     }
 }

@@ -12,7 +12,7 @@ use std::process::{Output, Stdio};
 
 use anyhow::{Context, Result, ensure};
 use kubetune_e2e::cluster_or_skip;
-use kubetune_e2e::test_support::{Cluster, workspace_root};
+use kubetune_e2e::test_support::{Cluster, in_namespace, workspace_root};
 
 fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -23,28 +23,6 @@ fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
     files.sort();
     ensure!(!files.is_empty(), "no examples in {}", dir.display());
     Ok(files)
-}
-
-/// The example with its `metadata.namespace` moved into the test's namespace, so
-/// the dry run does not depend on (or touch) the namespace the example names.
-/// Only that line changes; everything else reaches kubectl byte for byte.
-fn in_namespace(text: &str, namespace: &str) -> String {
-    let mut in_metadata = false;
-    let mut moved = false;
-    let mut out = String::with_capacity(text.len());
-    for line in text.lines() {
-        if !line.starts_with(' ') && !line.starts_with('#') && !line.is_empty() {
-            in_metadata = line == "metadata:";
-        }
-        if in_metadata && !moved && line.starts_with("  namespace:") {
-            out.push_str(&format!("  namespace: {namespace}\n"));
-            moved = true;
-        } else {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
 }
 
 fn dry_run(cluster: &Cluster, namespace: &str, path: &Path) -> Result<Output> {
@@ -130,15 +108,4 @@ async fn every_invalid_example_is_refused_with_the_message_its_comment_names() -
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     Ok(())
-}
-
-#[test]
-fn only_the_metadata_namespace_of_an_example_is_moved() {
-    let text = "# c\napiVersion: v1\nkind: X\nmetadata:\n  name: a\n  namespace: ml-team\n\
-                spec:\n  source:\n  namespace: keep\n";
-    assert_eq!(
-        in_namespace(text, "e2e-x"),
-        "# c\napiVersion: v1\nkind: X\nmetadata:\n  name: a\n  namespace: e2e-x\n\
-         spec:\n  source:\n  namespace: keep\n"
-    );
 }
