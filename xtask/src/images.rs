@@ -23,12 +23,12 @@ const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// The user and group the images run as (distroless' "nonroot").
 const USER: &str = "65532:65532";
 
-/// One image: a static binary from a workspace package.
+/// One image: static binaries from a workspace package, the first its entrypoint.
 struct Image {
     /// The image's repository, tagged with the workspace version.
     repository: &'static str,
     package: &'static str,
-    binary: &'static str,
+    binaries: &'static [&'static str],
     /// What the image is, for its OCI description label.
     description: &'static str,
 }
@@ -37,14 +37,15 @@ const IMAGES: [Image; 2] = [
     Image {
         repository: "kubetune/operator",
         package: "kubetune-operator",
-        binary: "kubetune-operator",
+        binaries: &["kubetune-operator"],
         description: "The kubetune operator.",
     },
     Image {
         repository: "kubetune/trainer",
         package: "kubetune-trainer",
-        binary: "kubetune-trainer",
-        description: "The kubetune trainer, CPU build.",
+        // The adapter server ships beside the trainer, as in trainer-image/Containerfile.
+        binaries: &["kubetune-trainer", "kubetune-serve"],
+        description: "The kubetune trainer and adapter server, CPU build.",
     },
 ];
 
@@ -102,11 +103,14 @@ fn build(root: &Path) -> Result<()> {
         runroot: cache.join("buildah/run"),
     };
     for image in &IMAGES {
-        let binary = target_dir.join(image.binary);
-        ensure_static(&binary)?;
+        let binaries: Vec<PathBuf> = image.binaries.iter().map(|b| target_dir.join(b)).collect();
+        for binary in &binaries {
+            ensure_static(binary)?;
+        }
         let name = format!("{}:{version}", image.repository);
-        let archive = out.join(format!("{}-{version}.oci.tar", image.binary));
-        buildah.scratch_image(image, &binary, &name, version, &archive)?;
+        let file = image.repository.replace('/', "-");
+        let archive = out.join(format!("{file}-{version}.oci.tar"));
+        buildah.scratch_image(image, &binaries, &name, version, &archive)?;
         let size = std::fs::metadata(&archive)?.len();
         println!(
             "==> {name}: {} ({:.1} MiB)",
@@ -200,13 +204,13 @@ impl Buildah {
     fn scratch_image(
         &self,
         image: &Image,
-        binary: &Path,
+        binaries: &[PathBuf],
         name: &str,
         version: &str,
         archive: &Path,
     ) -> Result<()> {
         let container = self.run(&["from", "--quiet", "scratch"])?;
-        let built = self.configure_and_commit(&container, image, binary, name, version);
+        let built = self.configure_and_commit(&container, image, binaries, name, version);
         // The working container goes whatever happened; the committed image stays.
         let removed = self.run(&["rm", &container]);
         built?;
@@ -222,14 +226,20 @@ impl Buildah {
         &self,
         container: &str,
         image: &Image,
-        binary: &Path,
+        binaries: &[PathBuf],
         name: &str,
         version: &str,
     ) -> Result<()> {
-        let path = format!("/usr/local/bin/{}", image.binary);
-        let binary = binary.to_str().context("the binary's path is not UTF-8")?;
-        self.run(&["copy", "--chmod", "0755", container, binary, &path])?;
-        let entrypoint = format!("[\"{path}\"]");
+        for binary in binaries {
+            let file = binary.file_name().context("a binary has a file name")?;
+            let path = Path::new("/usr/local/bin").join(file);
+            let (binary, path) = (
+                binary.to_str().context("the binary's path is not UTF-8")?,
+                path.to_str().context("the binary's name is not UTF-8")?,
+            );
+            self.run(&["copy", "--chmod", "0755", container, binary, path])?;
+        }
+        let entrypoint = format!("[\"/usr/local/bin/{}\"]", image.binaries[0]);
         let description = format!("org.opencontainers.image.description={}", image.description);
         let version_label = format!("org.opencontainers.image.version={version}");
         self.run(&[
@@ -238,6 +248,9 @@ impl Buildah {
             USER,
             "--workingdir",
             "/",
+            // Nothing sets PATH in a scratch image; pods may name a binary without a path.
+            "--env",
+            "PATH=/usr/local/bin",
             "--entrypoint",
             &entrypoint,
             "--label",
