@@ -283,6 +283,74 @@ async fn chart_lints_clean_in_both_modes() -> Result<()> {
 }
 
 #[tokio::test]
+async fn servicemonitor_and_networkpolicy_render_only_when_enabled() -> Result<()> {
+    let cluster = cluster_or_skip!("servicemonitor_and_networkpolicy_render_only_when_enabled");
+    let objects = |set: &[&str]| -> Result<Vec<serde_json::Value>> {
+        let rendered = template(&cluster, "kubetune-system", set)?;
+        serde_yaml::Deserializer::from_str(&rendered)
+            .map(|document| {
+                Ok(<serde_json::Value as serde::Deserialize>::deserialize(
+                    document,
+                )?)
+            })
+            .filter(|object| !matches!(object, Ok(serde_json::Value::Null)))
+            .collect()
+    };
+    let kinds = |objects: &[serde_json::Value]| -> Vec<String> {
+        objects
+            .iter()
+            .filter_map(|o| o["kind"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let defaults = kinds(&objects(&[])?);
+    assert!(
+        !defaults.contains(&"ServiceMonitor".to_owned()),
+        "{defaults:?}"
+    );
+    assert!(
+        !defaults.contains(&"NetworkPolicy".to_owned()),
+        "{defaults:?}"
+    );
+    assert!(
+        defaults.contains(&"PodDisruptionBudget".to_owned()),
+        "{defaults:?}"
+    );
+
+    let enabled = objects(&[
+        "metrics.serviceMonitor.enabled=true",
+        "networkPolicy.enabled=true",
+        "podDisruptionBudget.enabled=false",
+    ])?;
+    assert!(!kinds(&enabled).contains(&"PodDisruptionBudget".to_owned()));
+    let monitor = enabled
+        .iter()
+        .find(|o| o["kind"] == "ServiceMonitor")
+        .context("a ServiceMonitor")?;
+    assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+    assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
+    let service = enabled
+        .iter()
+        .find(|o| o["kind"] == "Service")
+        .context("the metrics Service")?;
+    let selector = monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .context("the ServiceMonitor selects by labels")?;
+    assert!(
+        selector
+            .iter()
+            .all(|(key, value)| &service["metadata"]["labels"][key] == value),
+        "the ServiceMonitor selects the metrics Service: {selector:?}"
+    );
+    let policy = enabled
+        .iter()
+        .find(|o| o["kind"] == "NetworkPolicy")
+        .context("a NetworkPolicy")?;
+    assert_eq!(policy["spec"]["ingress"][0]["ports"][0]["port"], "metrics");
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+    Ok(())
+}
+
+#[tokio::test]
 async fn values_that_break_the_schema_are_refused_by_template_and_install() -> Result<()> {
     let cluster =
         cluster_or_skip!("values_that_break_the_schema_are_refused_by_template_and_install");
