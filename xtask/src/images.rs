@@ -6,9 +6,10 @@
 //! interpreter, and each is copied into a `FROM scratch` image with buildah, which
 //! runs nothing inside the image and so needs no user namespaces or overlay mounts:
 //! its own storage under the cache, with the vfs driver. Each image is saved as an OCI
-//! archive in `${KUBETUNE_CACHE:-~/.cache/kubetune}/images/`, ready for
-//! `ctr -n k8s.io images import` (or `podman load`). The images run as 65532:65532,
-//! the user the chart and the trainer pods' securityContext name.
+//! archive in `${KUBETUNE_CACHE:-~/.cache/kubetune}/images/`, named
+//! `docker.io/kubetune/<name>:<version>` (what the chart's default image references
+//! resolve to), ready for `ctr -n k8s.io images import` or `podman load`. The images
+//! run as 65532:65532, the user the chart and the trainer pods' securityContext name.
 //!
 //! Registry builds use the Containerfiles instead (operator/Containerfile,
 //! trainer-image/Containerfile and, for GPUs, trainer-image/Containerfile.cuda).
@@ -215,7 +216,9 @@ impl Buildah {
         let removed = self.run(&["rm", &container]);
         built?;
         removed?;
-        let destination = format!("oci-archive:{}:{name}", archive.display());
+        // Fully qualified in the archive, as the kubelet asks the runtime for it
+        // (`kubetune/operator:0.1.0` means docker.io/kubetune/operator:0.1.0).
+        let destination = format!("oci-archive:{}:docker.io/{name}", archive.display());
         // A fresh archive each time: buildah would otherwise add to an existing one.
         let _ = std::fs::remove_file(archive);
         self.run(&["push", "--quiet", name, &destination])?;
