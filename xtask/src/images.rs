@@ -10,6 +10,8 @@
 //! `docker.io/kubetune/<name>:<version>` (what the chart's default image references
 //! resolve to), ready for `ctr -n k8s.io images import` or `podman load`. The images
 //! run as 65532:65532, the user the chart and the trainer pods' securityContext name.
+//! A static glibc binary finds no `getrandom` symbol at run time and reads
+//! `/dev/urandom` instead; container runtimes always provide it, a bare chroot does not.
 //!
 //! Registry builds use the Containerfiles instead (operator/Containerfile,
 //! trainer-image/Containerfile and, for GPUs, trainer-image/Containerfile.cuda).
