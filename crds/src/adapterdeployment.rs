@@ -285,6 +285,16 @@ pub struct AdapterDeploymentStatus {
     /// The stable adapter names and the version each currently maps to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub adapters: Vec<AdapterVersion>,
+    /// The adapter set of the previous revision, which a rollback returns to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_adapters: Vec<AdapterVersion>,
+    /// Digest of an adapter set that failed and was rolled back: it is not tried again
+    /// until the spec asks for a different set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_from: Option<String>,
+    /// When every canary replica first held the current revision: the hold runs from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_since: Option<Time>,
 
     /// State of each selected serving pod.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

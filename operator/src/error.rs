@@ -1,9 +1,6 @@
 //! The operator's errors. Each variant names what failed, and has a bounded category
 //! for metric labels and event reasons.
 
-use kube::runtime::reflector::ObjectRef;
-use kubetune_crds::FineTuneJob;
-
 use crate::finetunejob::render::RenderError;
 
 /// A failed reconcile step.
@@ -14,8 +11,8 @@ pub enum Error {
     Read {
         /// What was read.
         what: &'static str,
-        /// The FineTuneJob.
-        object: ObjectRef<FineTuneJob>,
+        /// The object reconciled, as kube's ObjectRef writes it.
+        object: String,
         /// The API error.
         #[source]
         source: kube::Error,
@@ -23,8 +20,8 @@ pub enum Error {
     /// The desired children could not be built.
     #[error("failed to render the children of {object}: {source}")]
     Render {
-        /// The FineTuneJob.
-        object: ObjectRef<FineTuneJob>,
+        /// The object reconciled, as kube's ObjectRef writes it.
+        object: String,
         /// Why.
         #[source]
         source: RenderError,
@@ -42,11 +39,19 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// The spec cannot be acted on (a label selector that does not parse).
+    #[error("{object}: {message}")]
+    Spec {
+        /// The object reconciled.
+        object: String,
+        /// What is wrong.
+        message: String,
+    },
     /// Writing the status failed.
     #[error("failed to write the status of {object}: {source}")]
     WriteStatus {
-        /// The FineTuneJob.
-        object: ObjectRef<FineTuneJob>,
+        /// The object reconciled, as kube's ObjectRef writes it.
+        object: String,
         /// The API error.
         #[source]
         source: kube::Error,
@@ -61,6 +66,7 @@ impl Error {
             Self::Render { .. } => "render",
             Self::Write { .. } => "write",
             Self::WriteStatus { .. } => "status",
+            Self::Spec { .. } => "spec",
         }
     }
 }

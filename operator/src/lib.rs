@@ -4,6 +4,7 @@
 //! functions that take data and return data, and are unit-tested without a cluster; the
 //! reconcilers read state, call them and apply the result.
 
+pub mod adapterdeployment;
 pub mod conditions;
 pub mod cost;
 pub mod error;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use kube::Api;
+use kubetune_operator::adapterdeployment;
 use kubetune_operator::cost::TableSource;
 use kubetune_operator::finetunejob::controller::{self, Settings};
 use kubetune_operator::leader::Elector;
@@ -25,7 +26,8 @@ enum LogFormat {
     Text,
 }
 
-/// The kubetune operator: runs FineTuneJobs as trainer pods.
+/// The kubetune operator: runs FineTuneJobs as trainer pods and rolls trained adapters
+/// into serving pods (AdapterDeployments).
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Flags {
@@ -113,7 +115,19 @@ async fn main() -> anyhow::Result<()> {
             name,
         }),
     };
-    let controllers = controller::run(client.clone(), flags.namespaces, settings, metrics);
+    let controllers = {
+        let finetunejobs = controller::run(
+            client.clone(),
+            flags.namespaces.clone(),
+            settings,
+            metrics.clone(),
+        );
+        let adapters =
+            adapterdeployment::controller::run(client.clone(), flags.namespaces.clone(), metrics);
+        async move {
+            tokio::join!(finetunejobs, adapters);
+        }
+    };
     let work = async {
         if flags.leader_elect {
             let identity = flags

@@ -69,6 +69,17 @@ pub struct Metrics {
     pub gpu_hours: Family<JobLabels, Counter<f64, AtomicU64>>,
     /// Compute cost accrued in the price table's currency, by job.
     pub cost: Family<JobLabels, Counter<f64, AtomicU64>>,
+    /// Calls to serving pods' adapter API, by operation and result.
+    pub adapter_operations: Family<OperationLabels, Counter>,
+}
+
+/// Labels of calls to serving pods' adapter API.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    /// load, unload or smoke.
+    pub operation: &'static str,
+    /// ok or error.
+    pub result: &'static str,
 }
 
 /// Labels of the per-job cost counters.
@@ -95,6 +106,7 @@ impl Metrics {
             price_table_errors: Counter::default(),
             gpu_hours: Family::default(),
             cost: Family::default(),
+            adapter_operations: Family::default(),
         };
         let registry = registry.sub_registry_with_prefix("kubetune");
         registry.register("reconciles", "Reconciles run", metrics.reconciles.clone());
@@ -138,7 +150,22 @@ impl Metrics {
             "Compute cost accrued by FineTuneJobs, in the price table's currency",
             metrics.cost.clone(),
         );
+        registry.register(
+            "adapter_operations",
+            "Calls to serving pods' adapter API (load, unload, smoke) by result",
+            metrics.adapter_operations.clone(),
+        );
         metrics
+    }
+
+    /// Counts one call to a serving pod's adapter API.
+    pub fn adapter_operation(&self, operation: &'static str, ok: bool) {
+        self.adapter_operations
+            .get_or_create(&OperationLabels {
+                operation,
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
     }
 
     /// Sets the jobs-by-phase gauge from the phases of every job.
