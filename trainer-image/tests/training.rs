@@ -209,6 +209,36 @@ fn dpo_raises_preference_accuracy_on_a_separable_set_and_reports_rewards() {
 }
 
 #[test]
+fn an_interrupted_and_resumed_dpo_run_ends_with_the_same_adapter() {
+    let dir = setup(4);
+    write_jsonl(&dir.path().join("prefs.jsonl"), &separable_preferences(10)).expect("data");
+    let configure = |out: &str| {
+        let mut opts = options(dir.path(), out);
+        opts.method = MethodOptions::Dpo(DpoSettings {
+            beta: 0.2,
+            label_smoothing: 0.1,
+        });
+        opts.format = DatasetFormat::Preference;
+        opts.train_file = dir.path().join("prefs.jsonl");
+        opts.max_steps = Some(6);
+        opts.batch_size = 2;
+        opts.grad_accum = 2;
+        opts.lora.dropout = 0.1;
+        opts.checkpoint_every = 2;
+        opts
+    };
+    let whole = train(&configure("whole"), &Device::Cpu, &Control::default()).expect("whole");
+    let mut first = configure("resumed");
+    first.interrupt_after_step = Some(3);
+    let err = train(&first, &Device::Cpu, &Control::default()).expect_err("interrupted");
+    assert!(matches!(err, Error::Interrupted { step: 3 }), "{err}");
+    let resumed = train(&configure("resumed"), &Device::Cpu, &Control::default()).expect("resume");
+    assert_eq!(resumed.resumed_from_step, 3);
+    assert_eq!(resumed.adapter.sha256, whole.adapter.sha256);
+    assert_eq!(resumed.metrics, whole.metrics);
+}
+
+#[test]
 fn an_interrupted_and_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one() {
     let dir = setup(10);
     let configure = |out: &str| {
