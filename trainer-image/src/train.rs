@@ -549,6 +549,8 @@ fn fingerprint(opts: &TrainOptions, train: usize, total_steps: u64) -> String {
     // running jobs stay resumable.
     let method = match opts.method {
         MethodOptions::Lora => String::new(),
+        // The shard size only shapes the output files, not the training.
+        MethodOptions::Full { .. } => "method=Full ".to_owned(),
         other => format!("method={other:?} "),
     };
     format!(
