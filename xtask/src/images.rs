@@ -10,8 +10,10 @@
 //! `docker.io/kubetune/<name>:<version>` (what the chart's default image references
 //! resolve to), ready for `ctr -n k8s.io images import` or `podman load`. The images
 //! run as 65532:65532, the user the chart and the trainer pods' securityContext name.
-//! A static glibc binary finds no `getrandom` symbol at run time and reads
-//! `/dev/urandom` instead; container runtimes always provide it, a bare chroot does not.
+//! `getrandom_backend="linux_getrandom"` makes the getrandom crate call getrandom(2)
+//! directly: its default looks the function up with dlsym, which finds nothing in a
+//! static binary, and then falls back to `/dev/urandom`, which a scratch image lacks
+//! outside a container runtime.
 //!
 //! Registry builds use the Containerfiles instead (operator/Containerfile,
 //! trainer-image/Containerfile and, for GPUs, trainer-image/Containerfile.cuda).
@@ -23,6 +25,8 @@ use anyhow::{Context, Result, bail, ensure};
 
 /// The target the static binaries are built for.
 const TARGET: &str = "x86_64-unknown-linux-gnu";
+/// Static binaries that need nothing from the image (see the module docs).
+const RUSTFLAGS: &str = "-C target-feature=+crt-static --cfg getrandom_backend=\"linux_getrandom\"";
 /// The user and group the images run as (distroless' "nonroot").
 const USER: &str = "65532:65532";
 
@@ -91,7 +95,7 @@ fn build(root: &Path) -> Result<()> {
             TARGET,
             "--bins",
         ])
-        .env("RUSTFLAGS", "-C target-feature=+crt-static");
+        .env("RUSTFLAGS", RUSTFLAGS);
     for image in &IMAGES {
         cargo.args(["-p", image.package]);
     }
