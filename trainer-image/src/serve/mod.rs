@@ -281,12 +281,26 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let addr = format!("{host}:{port}");
-    let listener = tokio::net::TcpListener::bind(&addr)
+    let bind_error = |source| ServeError::Bind {
+        addr: addr.clone(),
+        source,
+    };
+    let socket_addr = tokio::net::lookup_host(&addr)
         .await
-        .map_err(|source| ServeError::Bind {
-            addr: addr.clone(),
-            source,
-        })?;
+        .map_err(bind_error)?
+        .next()
+        .ok_or_else(|| bind_error(std::io::Error::other("the host resolves to no address")))?;
+    let socket = if socket_addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(bind_error)?;
+    // As uvicorn (and so vLLM) does: a restarted server binds again at once, even while
+    // connections of the last one linger in TIME_WAIT.
+    socket.set_reuseaddr(true).map_err(bind_error)?;
+    socket.bind(socket_addr).map_err(bind_error)?;
+    let listener = socket.listen(1024).map_err(bind_error)?;
     let local = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: addr.clone(),
         source,
