@@ -6,6 +6,8 @@
 //! cluster is up. `cargo xtask test` brings the cluster up around them and sets
 //! `KUBETUNE_REQUIRE_CLUSTER=1`, which turns a missing cluster into a failure.
 //! `test_support` is what they share: finding the cluster, namespaces, pod
-//! builders and waits.
+//! builders and waits; `serving` the tiny model, adapters and real adapter servers
+//! of the AdapterDeployment tests and the rollout benchmark.
 
+pub mod serving;
 pub mod test_support;

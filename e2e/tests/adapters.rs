@@ -3,213 +3,22 @@
 //! trainer image's vLLM-compatible adapter server — serving a tiny model. Adapters are
 //! real PEFT adapters written by the trainer's own code.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kubetune_crds::adapterdeployment::{AdapterDeployment, AdapterDeploymentPhase};
-use kubetune_crds::training::TargetModule;
 use kubetune_e2e::cluster_or_skip;
-use kubetune_e2e::test_support::{GpuPod, TestNamespace, wait_for};
+use kubetune_e2e::serving::{
+    Artifacts, adapter_deployment, complete, listed, serving_pod, start_server,
+};
+use kubetune_e2e::test_support::wait_for;
 use kubetune_operator::adapterdeployment::controller;
 use kubetune_operator::metrics::Metrics;
-use kubetune_trainer::adapter::save_adapter;
-use kubetune_trainer::lora::LoraSettings;
-use kubetune_trainer::model::Llama;
-use kubetune_trainer::rng::Rng;
-use kubetune_trainer::serve::engine::Engine;
-use kubetune_trainer::serve::{AppState, ServeArgs, serve};
-use kubetune_trainer::test_support::TinyLlama;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
-
-/// The artifact volume as the servers see it, with a tiny base model and adapters.
-struct Artifacts {
-    dir: tempfile::TempDir,
-    model: PathBuf,
-}
-
-impl Artifacts {
-    fn new() -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let model = dir.path().join("base");
-        TinyLlama::default().write(&model)?;
-        Ok(Self { dir, model })
-    }
-
-    fn root(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// A PEFT adapter of `rank` for `base` (the served model when `None`) at
-    /// `<root>/<name>`, with random non-zero weights so that it changes the model's
-    /// answers; its weights' sha256.
-    fn adapter(&self, name: &str, rank: usize, seed: u64, base: Option<&str>) -> Result<String> {
-        let mut model = Llama::load(&self.model, &Device::Cpu)?;
-        model.add_lora(
-            LoraSettings {
-                rank,
-                alpha: 2.0 * rank as f64,
-                dropout: 0.0,
-                rs_lora: false,
-                targets: vec![TargetModule::QProj, TargetModule::VProj],
-            },
-            &mut Rng::new(seed),
-        )?;
-        for (param, var) in model.trainable_params() {
-            if param.contains("lora_B") {
-                var.set(&(candle_core::Tensor::randn(0f32, 1.0, var.shape(), &Device::Cpu)?))?;
-            }
-        }
-        let served = self.model.to_string_lossy().into_owned();
-        let base = base.unwrap_or(&served);
-        Ok(save_adapter(&model, &self.root().join(name), Some(base))?.sha256)
-    }
-}
-
-/// A kubetune-serve at `ip:8000`, stopped when dropped.
-struct Server {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    addr: SocketAddr,
-}
-
-impl Server {
-    /// Stops the server and waits until its port is free again.
-    async fn shut_down(mut self) -> Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-async fn start_server(model: &Path, ip: &str) -> Result<Server> {
-    use clap::Parser as _;
-    let model = model.to_string_lossy().into_owned();
-    let args =
-        ServeArgs::try_parse_from(["kubetune-serve", "--model", &model, "--max-lora-rank", "8"])?;
-    let engine = Engine::load(&args.engine_options(), &Device::Cpu)?;
-    let state = AppState::new(Arc::new(engine), usize::from(args.max_num_seqs));
-    let (stop, stopped) = tokio::sync::oneshot::channel();
-    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-    let host = ip.to_owned();
-    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(async move {
-        let served = serve(
-            state,
-            &host,
-            8000,
-            |addr| {
-                let _ = bound_tx.send(addr);
-            },
-            async {
-                let _ = stopped.await;
-            },
-        )
-        .await;
-        if let Err(error) = served {
-            let _ = failed_tx.send(error.to_string());
-        }
-    });
-    let addr = match bound_rx.await {
-        Ok(addr) => addr,
-        Err(_) => {
-            let why = failed_rx.await.unwrap_or_default();
-            anyhow::bail!("kubetune-serve did not bind {ip}:8000: {why}");
-        }
-    };
-    Ok(Server {
-        stop: Some(stop),
-        task: Some(task),
-        addr,
-    })
-}
-
-/// A serving pod on a simulated node (it runs until deleted) and its IP once Running.
-async fn serving_pod(namespace: &TestNamespace, name: &str) -> Result<String> {
-    let pods: Api<Pod> = namespace.api();
-    let mut pod = GpuPod::new(name, 1).build()?;
-    pod.metadata.labels = Some([("app".to_owned(), "serve".to_owned())].into());
-    pods.create(&PostParams::default(), &pod).await?;
-    let running = wait_for(&pods, name, TIMEOUT, |p| {
-        p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some()
-    })
-    .await?;
-    running
-        .status
-        .and_then(|s| s.pod_ip)
-        .context("the pod has an IP")
-}
-
-/// Eight greedy tokens of `model` from `server`.
-async fn complete(server: &Server, model: &str) -> Result<String> {
-    let reply = reqwest::Client::new()
-        .post(format!("http://{}/v1/completions", server.addr))
-        .json(&json!({
-            "model": model, "prompt": "The capital of France is",
-            "max_tokens": 8, "temperature": 0, "ignore_eos": true,
-        }))
-        .send()
-        .await?
-        .json::<Value>()
-        .await?;
-    reply["choices"][0]["text"]
-        .as_str()
-        .map(str::to_owned)
-        .with_context(|| format!("no completion: {reply}"))
-}
-
-/// The adapters a server lists: name → path.
-async fn listed(server: &Server) -> Result<Vec<(String, String)>> {
-    let reply = reqwest::get(format!("http://{}/v1/models", server.addr))
-        .await?
-        .json::<Value>()
-        .await?;
-    Ok(reply["data"]
-        .as_array()
-        .context("a model list")?
-        .iter()
-        .filter(|m| !m["parent"].is_null())
-        .map(|m| {
-            (
-                m["id"].as_str().unwrap_or_default().to_owned(),
-                m["root"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect())
-}
-
-fn adep(root: &Path, path: &str, sha: &str) -> Result<AdapterDeployment> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "AdapterDeployment",
-        "metadata": { "name": "support" },
-        "spec": {
-            "selector": { "matchLabels": { "app": "serve" } },
-            "artifacts": { "claimName": "adapters", "mountPath": root },
-            "adapters": [{ "name": "support", "artifact": { "path": path, "sha256": sha } }],
-            "rollout": { "maxUnavailable": 2, "canary": { "replicas": 1, "holdSeconds": 2 } },
-        },
-    }))?)
-}
 
 fn degraded_reason(adep: &AdapterDeployment) -> Option<String> {
     adep.status
@@ -252,7 +61,12 @@ async fn adapters_roll_out_through_a_canary_verified_on_real_servers_and_a_bad_o
     adeps
         .create(
             &PostParams::default(),
-            &adep(artifacts.root(), "support-v1", &good)?,
+            &adapter_deployment(
+                artifacts.root(),
+                "support-v1",
+                &good,
+                json!({ "maxUnavailable": 2, "canary": { "replicas": 1, "holdSeconds": 2 } }),
+            )?,
         )
         .await?;
     let all = |n: u32| {

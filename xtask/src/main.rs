@@ -40,6 +40,9 @@ commands:
                    1,000 LoRA FineTuneJobs at once on the local cluster: time until
                    every Job exists and every pod is bound, the operator's peak RSS,
                    reconciles per job per minute at steady state
+  bench rollout [--max-unavailable N]
+                   an adapter change across 10 replicas with real kubetune-serve
+                   servers: time until every replica serves the new version, verified
   images           static operator and trainer (CPU) images as OCI archives in
                    ~/.cache/kubetune/images/, with buildah; no registry or engine
   demo             run kubetune's main job on a local cluster";
@@ -78,8 +81,22 @@ fn run(args: &[String]) -> Result<()> {
                 .args(rest),
         ),
         ["bench", "operator", rest @ ..] => bench::operator(&root(), rest),
+        ["bench", "rollout", rest @ ..] => step(
+            "the rollout benchmark",
+            cargo()
+                .args([
+                    "run",
+                    "-p",
+                    "kubetune-e2e",
+                    "--example",
+                    "bench_rollout",
+                    "--",
+                ])
+                .args(rest),
+        ),
         ["bench", ..] => bail!(
-            "no such benchmark; available: `cargo xtask bench trainer`, `cargo xtask bench operator`"
+            "no such benchmark; available: `cargo xtask bench trainer`, \
+             `cargo xtask bench operator`, `cargo xtask bench rollout`"
         ),
         ["demo"] => demo(),
         ["help" | "--help" | "-h"] | [] => {
