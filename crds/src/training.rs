@@ -536,11 +536,14 @@ pub mod contract {
         pub eval_loss: Option<f64>,
         /// Eval loss of the base model (before training).
         pub base_eval_loss: Option<f64>,
-        /// Training throughput of this attempt, tokens per second across all ranks.
+        /// Training throughput of this attempt (non-padding input tokens per second,
+        /// across all ranks).
         pub tokens_per_second: f64,
         /// Estimated seconds to the end of training.
         pub eta_seconds: Option<f64>,
-        /// Method-specific figures, such as DPO's `rewards/chosen` or `accuracy`.
+        /// Method-specific figures of the last step (DPO: `rewards/chosen`,
+        /// `rewards/rejected`, `accuracy`, `margin`; after training also `eval_`-prefixed).
+        #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
         pub metrics: std::collections::BTreeMap<String, f64>,
     }
 

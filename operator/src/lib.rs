@@ -8,6 +8,7 @@ pub mod adapterdeployment;
 pub mod conditions;
 pub mod cost;
 pub mod error;
+pub mod events;
 pub mod finetunejob;
 pub mod leader;
 pub mod metrics;

@@ -2,6 +2,7 @@
 //! the outcome to the exit-code contract documented in the library's crate docs.
 
 use clap::Parser as _;
+use kubetune_crds::training::contract::TrainerResult;
 use kubetune_trainer::cli::{Cli, Command, run_eval, run_train};
 use kubetune_trainer::{exit_code, write_termination_log};
 
@@ -59,14 +60,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             let summary = runtime.block_on(run_train(*args))?;
-            let result = serde_json::json!({
-                "adapterSha256": summary.adapter.sha256,
-                "adapterSizeBytes": summary.adapter.size_bytes,
-                "baseEvalLoss": summary.base_eval_loss,
-                "evalLoss": summary.eval_loss,
-                "steps": summary.steps,
-            });
-            write_termination_log(&result.to_string());
+            // The operator reads this from the pod's termination message.
+            let result = serde_json::to_string(&TrainerResult {
+                adapter_sha256: summary.adapter.sha256,
+                adapter_size_bytes: summary.adapter.size_bytes,
+                base_eval_loss: summary.base_eval_loss,
+                eval_loss: summary.eval_loss,
+                steps: summary.steps,
+            })?;
+            write_termination_log(&result);
             println!("{result}");
             // The runtime's server task never ends; do not wait for it.
             runtime.shutdown_background();

@@ -7,7 +7,6 @@
 //! - `GET /metrics`: the same figures in Prometheus' text format.
 //! - `GET /healthz`: `ok` while the process runs.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -15,37 +14,12 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-/// A snapshot of a run's progress.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Progress {
-    /// `loading`, `evaluating`, `training`, `saving` or `done`.
-    pub phase: String,
-    /// Completed optimizer steps.
-    pub step: u64,
-    /// Steps the run will take.
-    pub total_steps: u64,
-    /// Fractional epochs completed.
-    pub epoch: f64,
-    /// Mean training loss of the last step.
-    pub loss: Option<f64>,
-    /// Eval loss of the tuned model (after training).
-    pub eval_loss: Option<f64>,
-    /// Eval loss of the base model (before training).
-    pub base_eval_loss: Option<f64>,
-    /// Training throughput of this attempt (non-padding input tokens).
-    pub tokens_per_second: f64,
-    /// Estimated seconds to the end of training.
-    pub eta_seconds: Option<f64>,
-    /// Method-specific figures of the last step (DPO: `rewards/chosen`,
-    /// `rewards/rejected`, `accuracy`, `margin`; after training also `eval_`-prefixed).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub metrics: BTreeMap<String, f64>,
-}
+/// A snapshot of a run's progress: the type the operator reads, shared through the
+/// operator↔trainer contract.
+pub use kubetune_crds::training::contract::ProgressReport as Progress;
 
 /// Progress shared between the training thread and the HTTP server.
 pub type SharedProgress = Arc<Mutex<Progress>>;
@@ -184,7 +158,7 @@ mod tests {
             "unknown figures are omitted"
         );
         let dpo = prometheus_text(&Progress {
-            metrics: BTreeMap::from([("rewards/chosen".to_owned(), 0.25)]),
+            metrics: std::collections::BTreeMap::from([("rewards/chosen".to_owned(), 0.25)]),
             ..Progress::default()
         });
         assert!(dpo.contains("kubetune_trainer_metric{name=\"rewards/chosen\"} 0.25\n"));

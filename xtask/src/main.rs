@@ -172,9 +172,10 @@ fn test() -> Result<()> {
 
 fn demo() -> Result<()> {
     bail!(
-        "the demo is not built yet: the local cluster, the operator and the trainer exist, \
-         but the demo also needs a real kubelet node, the trainer and operator images, \
-         the Helm chart and the adapter server, which do not exist in this commit. \
-         See README.md for what works today."
+        "the demo is not built yet: the local cluster, the operator, the trainer, the \
+         adapter server, the Helm chart and the images exist, but the demo also needs a \
+         real kubelet node with containerd to run the images on, and a real base model \
+         imported for it, which do not exist in this commit. See README.md for what \
+         works today."
     )
 }

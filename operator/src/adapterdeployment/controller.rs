@@ -12,17 +12,18 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::core::{PartialObjectMeta, Selector, SelectorExt};
 use kube::runtime::controller::{Action as Requeue, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use kubetune_crds::FineTuneJob;
 use kubetune_crds::adapterdeployment::AdapterDeployment;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info_span, warn};
 
 use crate::adapterdeployment::plan::{self, Action, Observed, ObservedPod, Op};
 use crate::adapterdeployment::server::{self, Server};
 use crate::error::Error;
+use crate::events;
 use crate::finetunejob::controller::FIELD_MANAGER;
 use crate::metrics::Metrics;
 
@@ -232,7 +233,7 @@ async fn reconcile_inner(
     for (pod, outcome) in outcomes {
         if let Err(message) = outcome {
             warn!(%pod, %message, "a serving pod refused");
-            transitions.push(plan::Transition {
+            transitions.push(events::Transition {
                 reason: "LoadFailed",
                 note: format!("{pod}: {message}"),
                 warning: true,
@@ -255,23 +256,7 @@ async fn reconcile_inner(
     }
 
     let reference = adep.object_ref(&());
-    for transition in &transitions {
-        info!(reason = transition.reason, note = %transition.note, "transition");
-        let event = Event {
-            type_: if transition.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: transition.reason.into(),
-            note: Some(transition.note.clone()),
-            action: "Rollout".into(),
-            secondary: None,
-        };
-        if let Err(error) = context.recorder.publish(&event, &reference).await {
-            warn!(%error, "failed to record an event");
-        }
-    }
+    events::publish(&context.recorder, &reference, "Rollout", &transitions).await;
     Ok(Requeue::requeue(plan.requeue_after))
 }
 

@@ -22,6 +22,7 @@ use kubetune_crds::{FineTuneJob, Phase};
 use sha2::{Digest, Sha256};
 
 use crate::conditions::{self, Desired};
+pub use crate::events::Transition;
 
 /// Where one spec adapter's version comes from, resolved.
 #[derive(Clone, Debug, PartialEq)]
@@ -95,17 +96,6 @@ pub enum Action {
         /// The versions.
         models: Vec<String>,
     },
-}
-
-/// A transition worth an event.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transition {
-    /// PascalCase reason from a bounded set.
-    pub reason: &'static str,
-    /// What happened.
-    pub note: String,
-    /// Whether it is a warning.
-    pub warning: bool,
 }
 
 /// The planner's answer.

@@ -34,6 +34,21 @@ pub struct PodUsage {
     pub priced: Option<Priced>,
 }
 
+/// A fresh ledger entry for attempt `number`.
+pub fn entry(number: u32) -> AttemptCost {
+    AttemptCost {
+        number,
+        gpu_seconds: 0,
+        amount: Money::from_cents(0),
+        rate_seconds: 0,
+        settled_gpu_seconds: 0,
+        settled_rate_seconds: 0,
+        priced_since: None,
+        price_table: String::new(),
+        updated: None,
+    }
+}
+
 /// Cents from rate-seconds, rounded half up.
 pub fn cents(rate_seconds: u64) -> u64 {
     (rate_seconds + RATE_SECONDS_PER_CENT / 2) / RATE_SECONDS_PER_CENT
@@ -155,20 +170,6 @@ mod tests {
             ended: end.map(at),
             units,
             priced: priced(rate, "A100/on-demand"),
-        }
-    }
-
-    fn entry(number: u32) -> AttemptCost {
-        AttemptCost {
-            number,
-            gpu_seconds: 0,
-            amount: Money::from_cents(0),
-            rate_seconds: 0,
-            settled_gpu_seconds: 0,
-            settled_rate_seconds: 0,
-            priced_since: None,
-            price_table: String::new(),
-            updated: None,
         }
     }
 

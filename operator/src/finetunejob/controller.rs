@@ -16,7 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action as Requeue, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -25,6 +25,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::cost::{self, PriceBook, TableSource};
 use crate::error::Error;
+use crate::events;
 use crate::finetunejob::observe;
 use crate::finetunejob::plan::{self, Action, CostInputs, Observed};
 use crate::finetunejob::progress::ProgressReader;
@@ -336,24 +337,13 @@ async fn reconcile_inner(
     }
 
     let reference = ftj.object_ref(&());
-    for transition in &plan.transitions {
-        info!(reason = transition.reason, note = %transition.note, "transition");
-        let event = Event {
-            type_: if transition.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: transition.reason.into(),
-            note: Some(transition.note.clone()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        // An event that cannot be recorded must not fail the reconcile that acted.
-        if let Err(error) = context.recorder.publish(&event, &reference).await {
-            warn!(%error, "failed to record an event");
-        }
-    }
+    events::publish(
+        &context.recorder,
+        &reference,
+        "Reconcile",
+        &plan.transitions,
+    )
+    .await;
 
     // A running trainer is looked at again when its progress is due, spread over a
     // further fifth of the interval per job so that many jobs never poll in step.

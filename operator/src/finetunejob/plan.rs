@@ -13,14 +13,13 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kubetune_crds::Money;
-use kubetune_crds::finetunejob::{
-    Attempt, AttemptCost, Children, Cost, FineTuneJob, FineTuneJobStatus, Phase,
-};
+use kubetune_crds::finetunejob::{Attempt, Children, Cost, FineTuneJob, FineTuneJobStatus, Phase};
 use kubetune_crds::training::contract::ProgressReport;
 
 use crate::conditions::{self, Desired};
 use crate::cost::ledger::{self, PodUsage};
 use crate::cost::prices::PriceTable;
+pub use crate::events::Transition;
 use crate::finetunejob::observe::{Failure, FailureClass, JobOutcome, ObservedJob};
 use crate::finetunejob::{progress, render};
 use crate::names;
@@ -71,17 +70,6 @@ pub enum Action {
         /// The Job.
         job: String,
     },
-}
-
-/// A transition worth an event: reasons come from a bounded set.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transition {
-    /// PascalCase reason.
-    pub reason: &'static str,
-    /// What happened, for `kubectl describe`.
-    pub note: String,
-    /// Whether it is a warning.
-    pub warning: bool,
 }
 
 /// The planner's answer.
@@ -506,17 +494,7 @@ fn account(p: &mut Planner<'_>, observed: &Observed) -> bool {
         let index = match cost.attempts.iter().position(|a| a.number == number) {
             Some(index) => index,
             None => {
-                cost.attempts.push(AttemptCost {
-                    number,
-                    gpu_seconds: 0,
-                    amount: Money::from_cents(0),
-                    rate_seconds: 0,
-                    settled_gpu_seconds: 0,
-                    settled_rate_seconds: 0,
-                    priced_since: None,
-                    price_table: String::new(),
-                    updated: None,
-                });
+                cost.attempts.push(ledger::entry(number));
                 cost.attempts.len() - 1
             }
         };
