@@ -216,6 +216,13 @@ pub struct Dataset {
     #[serde(default)]
     #[schemars(range(max = 50))]
     pub eval_split_percent: u32,
+
+    /// About how many tokens the training file holds. Optional: with it, status.cost
+    /// carries an estimate before the trainer first reports its throughput (from the
+    /// price table's tokens per second per GPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub estimated_tokens: Option<u64>,
 }
 
 /// The compute each trainer pod gets, and how many pods.

@@ -14,6 +14,9 @@
 //! cpuCoreHourly: {onDemand: "0.04", spot: "0.015"}     # jobs without GPUs
 //! spotNodeLabels:                  # a node is spot when one of these matches
 //!   - {key: karpenter.sh/capacity-type, value: spot}
+//! throughputTokensPerSecond:       # per GPU, for estimates before the trainer reports
+//!   NVIDIA-A100-SXM4-80GB: 3000
+//!   default: 1000
 //! ```
 //!
 //! Prices are decimal strings with at most four places, kept as integers in
@@ -66,6 +69,7 @@ pub struct PriceTable {
     instance_types: BTreeMap<String, Pair>,
     cpu: Option<Pair>,
     spot_labels: Vec<(String, String)>,
+    throughput: BTreeMap<String, u64>,
     /// A digest of the table's content: a change of it starts a new pricing period.
     pub version: String,
 }
@@ -127,6 +131,8 @@ struct Raw {
     cpu_core_hourly: Option<RawPair>,
     #[serde(default)]
     spot_node_labels: Option<Vec<RawLabel>>,
+    #[serde(default)]
+    throughput_tokens_per_second: BTreeMap<String, u64>,
 }
 
 #[derive(Deserialize)]
@@ -234,8 +240,28 @@ impl PriceTable {
                 .map(|p| pair("cpuCoreHourly", p))
                 .transpose()?,
             spot_labels,
+            throughput: raw.throughput_tokens_per_second,
             version,
         })
+    }
+
+    /// Training tokens per second one GPU of `product` is assumed to process (the
+    /// product's entry, else `default`), for estimates before the trainer reports.
+    pub fn throughput(&self, product: &str) -> Option<u64> {
+        self.throughput
+            .get(product)
+            .or_else(|| self.throughput.get("default"))
+            .copied()
+            .filter(|t| *t > 0)
+    }
+
+    /// The on-demand GPU-hour rate of `product` (or the default).
+    pub fn on_demand_gpu_rate(&self, product: &str) -> Rate {
+        self.gpu
+            .get(product)
+            .copied()
+            .unwrap_or(self.default_gpu)
+            .on_demand
     }
 
     /// Whether a node with `labels` is spot capacity.

@@ -574,6 +574,15 @@ fn total_cost(p: &mut Planner<'_>, observed: &Observed) {
         .progress
         .as_ref()
         .and_then(|progress| progress.eta_seconds);
+    let done_percent = p
+        .status
+        .progress
+        .as_ref()
+        .map_or(0, |progress| progress.percent);
+    let from_dataset = observed
+        .cost
+        .as_ref()
+        .and_then(|inputs| dataset_estimate(p.ftj, &inputs.table));
     let Some(cost) = p.status.cost.as_mut() else {
         return;
     };
@@ -587,8 +596,38 @@ fn total_cost(p: &mut Planner<'_>, observed: &Observed) {
         (Phase::Running, Some(eta)) if burn > 0 => Some(Money::from_cents(ledger::cents(
             ledger::rate_seconds(cost) + eta * burn,
         ))),
-        _ => cost.estimated_total.take(),
+        // Before the trainer reports: what is left of the dataset at the assumed speed.
+        _ => match from_dataset {
+            Some(full) => {
+                let left = full * u64::from(100 - done_percent.min(100)) / 100;
+                Some(Money::from_cents(ledger::cents(
+                    ledger::rate_seconds(cost) + left,
+                )))
+            }
+            None => cost.estimated_total.take(),
+        },
     };
+}
+
+/// The whole run's cost in rate-seconds from `dataset.estimatedTokens`, the epochs and
+/// the table's tokens per second per GPU, at the on-demand rate; `None` when a figure
+/// is missing (or `maxSteps` makes the epochs moot).
+fn dataset_estimate(ftj: &FineTuneJob, table: &PriceTable) -> Option<u64> {
+    let spec = &ftj.spec;
+    let tokens = spec.dataset.estimated_tokens?;
+    if spec.hyperparameters.max_steps.is_some() {
+        return None;
+    }
+    let gpu = spec.resources.gpu.as_ref()?;
+    let gpus = u64::from(spec.resources.nodes) * u64::from(gpu.per_node);
+    let per_gpu = table.throughput(&gpu.product)?;
+    let work = tokens.saturating_mul(u64::from(spec.hyperparameters.epochs));
+    let seconds = work.div_ceil(per_gpu.saturating_mul(gpus).max(1));
+    Some(
+        seconds
+            .saturating_mul(gpus)
+            .saturating_mul(table.on_demand_gpu_rate(&gpu.product)),
+    )
 }
 
 /// Why a budget cannot pay for the first minute of the requested compute at the
@@ -1428,6 +1467,35 @@ mod tests {
                 .estimated_total
                 .map(|m| m.to_string())
                 .as_deref(),
+            Some("3.60")
+        );
+    }
+
+    #[test]
+    fn before_the_trainer_reports_the_estimate_comes_from_the_dataset() {
+        let mut ftj = finetunejob_from_example("lora-a100.yaml");
+        // 3 epochs of 3.6 M tokens at 3,000 tokens/s on one A100: an hour at 3.60.
+        ftj.spec.dataset.estimated_tokens = Some(3_600_000);
+        ftj.spec.hyperparameters.epochs = 3;
+        let table = Arc::new(
+            PriceTable::parse(&format!(
+                "{PRICES}throughputTokensPerSecond: {{NVIDIA-A100-SXM4-80GB: 3000}}\n"
+            ))
+            .expect("valid"),
+        );
+        let observed = Observed {
+            cost: Some(CostInputs {
+                table,
+                attempt: None,
+                pods: Vec::new(),
+            }),
+            ..Observed::default()
+        };
+        let plan = plan(&ftj, &observed, at(0));
+        let cost = plan.status.cost.expect("cost");
+        assert_eq!(cost.amount.as_str(), "0.00");
+        assert_eq!(
+            cost.estimated_total.map(|m| m.to_string()).as_deref(),
             Some("3.60")
         );
     }
