@@ -377,8 +377,13 @@ async fn values_that_break_the_schema_are_refused_by_template_and_install() -> R
         ),
         // The operator's parser refuses unknown keys; so does the schema, at install.
         (
-            "pricing:\n  throughputTokensPerSecond: {default: 1000}\n",
-            "additional properties 'throughputTokensPerSecond' not allowed",
+            "pricing:\n  throughputPerGpu: {default: 1000}\n",
+            "additional properties 'throughputPerGpu' not allowed",
+        ),
+        // Throughput is a whole number of tokens per second.
+        (
+            "pricing:\n  throughputTokensPerSecond: {default: \"fast\"}\n",
+            "/pricing/throughputTokensPerSecond/default",
         ),
         ("scope:\n  mode: everywhere\n", "/scope/mode"),
         ("replicaCount: two\n", "/replicaCount"),
