@@ -59,6 +59,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// For `map_err`: reading `what` for `object` failed.
+    pub fn reading(what: &'static str, object: &str) -> impl FnOnce(kube::Error) -> Self {
+        let object = object.to_owned();
+        move |source| Self::Read {
+            what,
+            object,
+            source,
+        }
+    }
+
     /// A bounded name for metric labels and event reasons.
     pub fn category(&self) -> &'static str {
         match self {

@@ -158,14 +158,7 @@ async fn reconcile_inner(
 ) -> Result<Requeue, Error> {
     let client = &context.client;
     let object = ObjectRef::from_obj(adep).to_string();
-    let read = |what: &'static str| {
-        let object = object.clone();
-        move |source| Error::Read {
-            what,
-            object,
-            source,
-        }
-    };
+    let read = |what| Error::reading(what, &object);
 
     // The source jobs.
     let ftjs: Api<FineTuneJob> = Api::namespaced(client.clone(), namespace);

@@ -225,14 +225,7 @@ async fn reconcile_inner(
 ) -> Result<Requeue, Error> {
     let client = &context.client;
     let object = ObjectRef::from_obj(ftj).to_string();
-    let read = |what: &'static str| {
-        let object = object.clone();
-        move |source| Error::Read {
-            what,
-            object,
-            source,
-        }
-    };
+    let read = |what| Error::reading(what, &object);
 
     // Read what the job refers to.
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
