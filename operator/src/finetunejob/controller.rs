@@ -30,6 +30,7 @@ use crate::finetunejob::observe;
 use crate::finetunejob::plan::{self, Action, CostInputs, Observed};
 use crate::finetunejob::progress::ProgressReader;
 use crate::finetunejob::render::{self, ATTEMPT_LABEL, AttemptContext, JOB_LABEL};
+use crate::finetunejob::triggers;
 use crate::metrics::{JobLabels, Metrics};
 use crate::names;
 
@@ -164,13 +165,23 @@ fn controller(
     .applied_objects()
     .predicate_filter(predicates::generation, Default::default());
     let trainer_pods = watcher::Config::default().labels(JOB_LABEL);
-    let run = Controller::for_stream(ftjs, reader.clone())
-        .owns(
+    // Only changes the planner reads trigger a reconcile (not readiness flapping).
+    let jobs = triggers::changed(
+        watcher(
             api::<Job>(client, namespace),
             watcher::Config::default().labels(JOB_LABEL),
         )
+        .default_backoff(),
+        triggers::job_facts,
+    );
+    let pods = triggers::changed(
+        watcher(api::<Pod>(client, namespace), trainer_pods).default_backoff(),
+        triggers::pod_facts,
+    );
+    let run = Controller::for_stream(ftjs, reader.clone())
+        .owns_stream(jobs)
         // A pod's scheduling and start show in the Job late or not at all.
-        .watches(api::<Pod>(client, namespace), trainer_pods, |pod| {
+        .watches_stream(pods, |pod| {
             let name = pod.labels().get(JOB_LABEL).cloned();
             let namespace = pod.namespace();
             name.map(|name| ObjectRef::new(&name).within(namespace.as_deref().unwrap_or_default()))

@@ -9,3 +9,4 @@ pub mod observe;
 pub mod plan;
 pub mod progress;
 pub mod render;
+pub mod triggers;
