@@ -320,6 +320,8 @@ async fn reconcile_inner(
             job,
             report,
             cost,
+            prices_pending: context.settings.price_table.is_some()
+                && context.prices.current().is_none(),
         },
         Timestamp::now(),
     );

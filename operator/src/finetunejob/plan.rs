@@ -35,6 +35,9 @@ pub struct Observed {
     pub report: Option<ProgressReport>,
     /// What the cost ledger needs; `None` while no valid price table is loaded.
     pub cost: Option<CostInputs>,
+    /// A price table is configured but none has been loaded (yet): a budget cannot be
+    /// checked.
+    pub prices_pending: bool,
 }
 
 /// The price table in force and the observed attempt's pods, priced.
@@ -331,6 +334,17 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
     );
 
     let Some(current) = p.status.attempts.last().cloned() else {
+        if spec.budget.is_some() && observed.cost.is_none() && observed.prices_pending {
+            p.condition(
+                "Admitted",
+                false,
+                "WaitingForPrices",
+                "the budget is checked against the price table, which is not loaded yet".into(),
+            );
+            p.set_phase(Phase::Pending);
+            p.requeue(Duration::from_secs(5));
+            return;
+        }
         if let Some(message) = unaffordable(p.ftj, observed.cost.as_ref()) {
             p.condition("Admitted", false, "BudgetTooSmall", message);
             p.set_phase(Phase::Pending);
@@ -857,6 +871,7 @@ mod tests {
             }),
             report: None,
             cost: None,
+            prices_pending: false,
         }
     }
 
@@ -1498,5 +1513,33 @@ mod tests {
             cost.estimated_total.map(|m| m.to_string()).as_deref(),
             Some("3.60")
         );
+    }
+
+    #[test]
+    fn a_budget_waits_for_the_price_table_before_admission() {
+        let ftj = with_budget("100.00");
+        let waiting = plan(
+            &ftj,
+            &Observed {
+                prices_pending: true,
+                ..Observed::default()
+            },
+            at(0),
+        );
+        assert!(waiting.actions.is_empty());
+        let admitted = conditions::get(&waiting.status.conditions, "Admitted").expect("set");
+        assert_eq!(admitted.reason, "WaitingForPrices");
+        // Without a budget there is nothing to check.
+        let mut free = finetunejob_from_example("lora-a100.yaml");
+        free.spec.budget = None;
+        let started = plan(
+            &free,
+            &Observed {
+                prices_pending: true,
+                ..Observed::default()
+            },
+            at(0),
+        );
+        assert_eq!(started.actions, ensure(1));
     }
 }
