@@ -105,6 +105,36 @@ impl Example {
     }
 }
 
+/// A dataset file's text.
+fn read_text(path: &Path) -> Result<String> {
+    String::from_utf8(read_input_file(path, "dataset")?)
+        .map_err(|err| Error::invalid(format!("dataset {} is not UTF-8: {err}", path.display())))
+}
+
+/// The non-empty lines of a JSONL text, each with its index (0-based).
+fn lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+}
+
+/// Builds the error for line `index` (0-based) of `path`.
+fn line_error(path: &Path, index: usize) -> impl Fn(String) -> Error + '_ {
+    move |message| Error::BadDatasetLine {
+        path: path.to_owned(),
+        line: index + 1,
+        message,
+    }
+}
+
+/// A tokenizer's complaint about one line's content, told as that line's error.
+fn on_line(err: Error, bad: &impl Fn(String) -> Error) -> Error {
+    match err {
+        Error::InvalidInput(message) | Error::Tokenizer(message) => bad(message),
+        other => other,
+    }
+}
+
 /// Reads and tokenises a JSONL dataset.
 pub fn load_dataset(
     path: &Path,
@@ -112,19 +142,10 @@ pub fn load_dataset(
     tokenizer: &TextTokenizer,
     max_seq_length: usize,
 ) -> Result<Vec<Example>> {
-    let bytes = read_input_file(path, "dataset")?;
-    let text = String::from_utf8(bytes)
-        .map_err(|err| Error::invalid(format!("dataset {} is not UTF-8: {err}", path.display())))?;
+    let text = read_text(path)?;
     let mut examples = Vec::new();
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |message: String| Error::BadDatasetLine {
-            path: path.to_owned(),
-            line: index + 1,
-            message,
-        };
+    for (index, line) in lines(&text) {
+        let bad = line_error(path, index);
         let mut example = match format {
             DatasetFormat::Chat => {
                 let parsed: ChatLine = serde_json::from_str(line).map_err(|err| {
@@ -137,10 +158,7 @@ pub fn load_dataset(
                 }
                 tokenizer
                     .encode_chat(&parsed.messages)
-                    .map_err(|err| match err {
-                        Error::InvalidInput(message) | Error::Tokenizer(message) => bad(message),
-                        other => other,
-                    })?
+                    .map_err(|err| on_line(err, &bad))?
             }
             DatasetFormat::Instruction => {
                 let parsed: InstructionLine = serde_json::from_str(line).map_err(|err| {
@@ -190,19 +208,10 @@ pub fn load_preferences(
     tokenizer: &TextTokenizer,
     max_seq_length: usize,
 ) -> Result<Vec<PreferencePair>> {
-    let bytes = read_input_file(path, "dataset")?;
-    let text = String::from_utf8(bytes)
-        .map_err(|err| Error::invalid(format!("dataset {} is not UTF-8: {err}", path.display())))?;
+    let text = read_text(path)?;
     let mut pairs = Vec::new();
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |message: String| Error::BadDatasetLine {
-            path: path.to_owned(),
-            line: index + 1,
-            message,
-        };
+    for (index, line) in lines(&text) {
+        let bad = line_error(path, index);
         let parsed: PreferenceLine = serde_json::from_str(line).map_err(|err| {
             bad(format!(
                 "not a preference example {{\"prompt\", \"chosen\", \"rejected\"}}, each a string or a list of messages: {err}"
@@ -229,12 +238,7 @@ pub fn load_preferences(
                     let messages: Vec<Message> = prompt.into_iter().chain(completion).collect();
                     tokenizer
                         .encode_chat_from(&messages, first)
-                        .map_err(|err| match err {
-                            Error::InvalidInput(message) | Error::Tokenizer(message) => {
-                                bad(message)
-                            }
-                            other => other,
-                        })?
+                        .map_err(|err| on_line(err, &bad))?
                 }
             };
             example.tokens.truncate(max_seq_length);

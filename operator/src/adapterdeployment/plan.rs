@@ -324,16 +324,14 @@ fn choose_revision(p: &mut Planner<'_>, observed: &Observed) {
     for (name, resolved) in &observed.sources {
         match resolved {
             Resolved::Ready(version) => wanted.push(version.clone()),
-            Resolved::Waiting(why) | Resolved::Blocked(why) => {
-                if matches!(resolved, Resolved::Waiting(_)) {
-                    waiting.push(format!("{name}: {why}"));
-                } else {
-                    blocked.push(format!("{name}: {why}"));
-                }
-                if let Some(kept) = p.status.adapters.iter().find(|v| &v.name == name) {
-                    wanted.push(kept.clone());
-                }
-            }
+            Resolved::Waiting(why) => waiting.push(format!("{name}: {why}")),
+            Resolved::Blocked(why) => blocked.push(format!("{name}: {why}")),
+        }
+        // Until its new version may be served, an adapter keeps the one it has.
+        if !matches!(resolved, Resolved::Ready(_))
+            && let Some(kept) = p.status.adapters.iter().find(|v| &v.name == name)
+        {
+            wanted.push(kept.clone());
         }
     }
     wanted.sort_by(|a, b| a.name.cmp(&b.name));
