@@ -56,17 +56,22 @@ const IMAGES: [Image; 2] = [
     },
 ];
 
-const USAGE: &str = "usage: cargo xtask images
+const USAGE: &str = "usage: cargo xtask images [--dev]
 
 Builds static release binaries of the operator and the trainer (CPU) and saves
 kubetune/operator:VERSION and kubetune/trainer:VERSION as OCI archives in
 ${KUBETUNE_CACHE:-~/.cache/kubetune}/images/. Needs buildah (Debian: apt-get install buildah).
-Cargo's target directory is CARGO_TARGET_DIR when set.";
+Cargo's target directory is CARGO_TARGET_DIR when set.
+
+  --dev  images of the debug binaries instead (tag VERSION-dev), with the shared
+         libraries they load: what `cargo xtask test` runs on the real node, built
+         from the test build's artifacts instead of a second, release build";
 
 /// `cargo xtask images [help]`.
 pub fn run(root: &Path, args: &[&str]) -> Result<()> {
     match args {
-        [] => build(root),
+        [] => build(root).map(|_| ()),
+        ["--dev"] => build_dev(root).map(|_| ()),
         ["help" | "--help" | "-h"] => {
             println!("{USAGE}");
             Ok(())
@@ -75,7 +80,8 @@ pub fn run(root: &Path, args: &[&str]) -> Result<()> {
     }
 }
 
-fn build(root: &Path) -> Result<()> {
+/// The release images: their OCI archives, operator first.
+pub(crate) fn build(root: &Path) -> Result<Vec<PathBuf>> {
     ensure!(
         Command::new("buildah").arg("--version").output().is_ok(),
         "buildah is not installed (Debian: apt-get install buildah)"
@@ -105,30 +111,164 @@ fn build(root: &Path) -> Result<()> {
         .map_or_else(|| root.join("target"), PathBuf::from)
         .join(TARGET)
         .join("release");
-    let buildah = Buildah {
-        root: cache.join("buildah/storage"),
-        runroot: cache.join("buildah/run"),
-    };
+    let buildah = Buildah::in_cache(&cache);
+    let mut archives = Vec::new();
     for image in &IMAGES {
         let binaries: Vec<PathBuf> = image.binaries.iter().map(|b| target_dir.join(b)).collect();
         for binary in &binaries {
             ensure_static(binary)?;
         }
-        let name = format!("{}:{version}", image.repository);
-        let file = image.repository.replace('/', "-");
-        let archive = out.join(format!("{file}-{version}.oci.tar"));
-        buildah.scratch_image(image, &binaries, &name, version, &archive)?;
-        let size = std::fs::metadata(&archive)?.len();
-        println!(
-            "==> {name}: {} ({:.1} MiB)",
-            archive.display(),
-            size as f64 / (1024.0 * 1024.0)
-        );
+        let files = in_image(&binaries, image.binaries);
+        archives.push(save(&buildah, &out, image, version, &files)?);
     }
-    Ok(())
+    Ok(archives)
 }
 
-fn cache_dir() -> Result<PathBuf> {
+/// The images of the debug binaries (`cargo build --bins`, the test build's own
+/// artifacts), tagged VERSION-dev, each with the shared libraries its binaries load
+/// (glibc's, from this machine): their OCI archives, operator first.
+pub(crate) fn build_dev(root: &Path) -> Result<Vec<PathBuf>> {
+    ensure!(
+        Command::new("buildah").arg("--version").output().is_ok(),
+        "buildah is not installed (Debian: apt-get install buildah)"
+    );
+    let version = format!("{}-dev", env!("CARGO_PKG_VERSION"));
+    let cache = cache_dir()?;
+    let out = cache.join("images");
+    std::fs::create_dir_all(&out).with_context(|| format!("failed to create {}", out.display()))?;
+    let mut cargo = crate::cargo();
+    cargo.args(["build", "--bins"]);
+    for image in &IMAGES {
+        cargo.args(["-p", image.package]);
+    }
+    crate::step(
+        "cargo build (debug binaries for the dev images)",
+        &mut cargo,
+    )?;
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), PathBuf::from)
+        .join("debug");
+    let buildah = Buildah::in_cache(&cache);
+    let mut archives = Vec::new();
+    for image in &IMAGES {
+        let binaries: Vec<PathBuf> = image.binaries.iter().map(|b| target_dir.join(b)).collect();
+        let mut files = in_image(&binaries, image.binaries);
+        for library in shared_libraries(&binaries)? {
+            // Where the binary looks for it, with the content of what it links to
+            // (/lib64/ld-linux-x86-64.so.2 is a link on Debian).
+            let path = library.display().to_string();
+            let content = std::fs::canonicalize(&library)
+                .with_context(|| format!("failed to resolve {}", library.display()))?;
+            files.push((content, path));
+        }
+        archives.push(save(&buildah, &out, image, &version, &files)?);
+    }
+    Ok(archives)
+}
+
+/// Binaries go to /usr/local/bin in the image.
+fn in_image(binaries: &[PathBuf], names: &[&str]) -> Vec<(PathBuf, String)> {
+    binaries
+        .iter()
+        .zip(names)
+        .map(|(path, name)| (path.clone(), format!("/usr/local/bin/{name}")))
+        .collect()
+}
+
+fn save(
+    buildah: &Buildah,
+    out: &Path,
+    image: &Image,
+    version: &str,
+    files: &[(PathBuf, String)],
+) -> Result<PathBuf> {
+    let name = format!("docker.io/{}:{version}", image.repository);
+    let file = image.repository.replace('/', "-");
+    let archive = out.join(format!("{file}-{version}.oci.tar"));
+    let files: Vec<(&Path, &str)> = files
+        .iter()
+        .map(|(path, dest)| (path.as_path(), dest.as_str()))
+        .collect();
+    buildah.scratch_image(&files, &image.config(version), &name, &archive)?;
+    let size = std::fs::metadata(&archive)?.len();
+    println!(
+        "==> {name}: {} ({:.1} MiB)",
+        archive.display(),
+        size as f64 / (1024.0 * 1024.0)
+    );
+    Ok(archive)
+}
+
+/// The shared libraries (and the ELF interpreter) `ldd` says the binaries load, each
+/// once, as absolute paths.
+fn shared_libraries(binaries: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut libraries = Vec::new();
+    for binary in binaries {
+        let output = Command::new("ldd")
+            .arg(binary)
+            .output()
+            .context("failed to run ldd")?;
+        ensure!(
+            output.status.success(),
+            "ldd {} failed: {}",
+            binary.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        for path in parse_ldd(&String::from_utf8_lossy(&output.stdout)) {
+            if !libraries.contains(&path) {
+                libraries.push(path);
+            }
+        }
+    }
+    Ok(libraries)
+}
+
+/// `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` and
+/// `/lib64/ld-linux-x86-64.so.2 (0x…)` lines give a path; `linux-vdso.so.1` none.
+fn parse_ldd(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let path = match line.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => line.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+impl Image {
+    /// `buildah config` flags: the user, PATH, the entrypoint and OCI labels.
+    fn config(&self, version: &str) -> Vec<String> {
+        let mut config: Vec<String> = [
+            "--user",
+            USER,
+            "--workingdir",
+            "/",
+            // Nothing sets PATH in a scratch image; pods may name a binary without a path.
+            "--env",
+            "PATH=/usr/local/bin",
+            "--label",
+            "org.opencontainers.image.source=https://github.com/kubetune/kubetune",
+            "--label",
+            "org.opencontainers.image.licenses=Apache-2.0",
+        ]
+        .map(String::from)
+        .to_vec();
+        config.extend([
+            "--entrypoint".to_owned(),
+            format!("[\"/usr/local/bin/{}\"]", self.binaries[0]),
+            "--label".to_owned(),
+            format!("org.opencontainers.image.description={}", self.description),
+            "--label".to_owned(),
+            format!("org.opencontainers.image.version={version}"),
+        ]);
+        config
+    }
+}
+
+pub(crate) fn cache_dir() -> Result<PathBuf> {
     if let Some(cache) = std::env::var_os("KUBETUNE_CACHE") {
         return Ok(PathBuf::from(cache));
     }
@@ -173,12 +313,21 @@ fn has_interpreter(elf: &[u8]) -> Option<bool> {
 }
 
 /// buildah with storage of its own under the cache.
-struct Buildah {
+#[derive(Debug)]
+pub(crate) struct Buildah {
     root: PathBuf,
     runroot: PathBuf,
 }
 
 impl Buildah {
+    /// buildah's storage under `${KUBETUNE_CACHE:-~/.cache/kubetune}/buildah`.
+    pub(crate) fn in_cache(cache: &Path) -> Self {
+        Self {
+            root: cache.join("buildah/storage"),
+            runroot: cache.join("buildah/run"),
+        }
+    }
+
     fn command(&self) -> Command {
         let mut command = Command::new("buildah");
         command
@@ -208,23 +357,24 @@ impl Buildah {
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     }
 
-    fn scratch_image(
+    /// Commits a `FROM scratch` image holding `files` (host path, path in the image,
+    /// mode 0755) and configured by `config` (`buildah config` flags), and saves it as
+    /// the OCI archive `archive`, named `name` (fully qualified, as the kubelet asks the
+    /// runtime for it: `kubetune/operator:0.1.0` means `docker.io/kubetune/operator:0.1.0`).
+    pub(crate) fn scratch_image(
         &self,
-        image: &Image,
-        binaries: &[PathBuf],
+        files: &[(&Path, &str)],
+        config: &[String],
         name: &str,
-        version: &str,
         archive: &Path,
     ) -> Result<()> {
         let container = self.run(&["from", "--quiet", "scratch"])?;
-        let built = self.configure_and_commit(&container, image, binaries, name, version);
+        let built = self.configure_and_commit(&container, files, config, name);
         // The working container goes whatever happened; the committed image stays.
         let removed = self.run(&["rm", &container]);
         built?;
         removed?;
-        // Fully qualified in the archive, as the kubelet asks the runtime for it
-        // (`kubetune/operator:0.1.0` means docker.io/kubetune/operator:0.1.0).
-        let destination = format!("oci-archive:{}:docker.io/{name}", archive.display());
+        let destination = format!("oci-archive:{}:{name}", archive.display());
         // A fresh archive each time: buildah would otherwise add to an existing one.
         let _ = std::fs::remove_file(archive);
         self.run(&["push", "--quiet", name, &destination])?;
@@ -234,44 +384,20 @@ impl Buildah {
     fn configure_and_commit(
         &self,
         container: &str,
-        image: &Image,
-        binaries: &[PathBuf],
+        files: &[(&Path, &str)],
+        config: &[String],
         name: &str,
-        version: &str,
     ) -> Result<()> {
-        for binary in binaries {
-            let file = binary.file_name().context("a binary has a file name")?;
-            let path = Path::new("/usr/local/bin").join(file);
-            let (binary, path) = (
-                binary.to_str().context("the binary's path is not UTF-8")?,
-                path.to_str().context("the binary's name is not UTF-8")?,
-            );
-            self.run(&["copy", "--chmod", "0755", container, binary, path])?;
+        for (file, path) in files {
+            let file = file
+                .to_str()
+                .with_context(|| format!("path {} is not UTF-8", file.display()))?;
+            self.run(&["copy", "--chmod", "0755", container, file, path])?;
         }
-        let entrypoint = format!("[\"/usr/local/bin/{}\"]", image.binaries[0]);
-        let description = format!("org.opencontainers.image.description={}", image.description);
-        let version_label = format!("org.opencontainers.image.version={version}");
-        self.run(&[
-            "config",
-            "--user",
-            USER,
-            "--workingdir",
-            "/",
-            // Nothing sets PATH in a scratch image; pods may name a binary without a path.
-            "--env",
-            "PATH=/usr/local/bin",
-            "--entrypoint",
-            &entrypoint,
-            "--label",
-            "org.opencontainers.image.source=https://github.com/kubetune/kubetune",
-            "--label",
-            "org.opencontainers.image.licenses=Apache-2.0",
-            "--label",
-            &description,
-            "--label",
-            &version_label,
-            container,
-        ])?;
+        let mut args = vec!["config"];
+        args.extend(config.iter().map(String::as_str));
+        args.push(container);
+        self.run(&args)?;
         self.run(&["commit", "--quiet", "--rm=false", container, name])?;
         Ok(())
     }
@@ -308,6 +434,23 @@ mod tests {
             Some(false)
         );
         assert_eq!(has_interpreter(b"#!/bin/sh\n"), None);
+    }
+
+    #[test]
+    fn ldd_lines_give_the_libraries_and_the_interpreter_but_not_the_vdso() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                    \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f)\n\
+                    \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
+                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        assert_eq!(
+            parse_ldd(text),
+            [
+                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+            .map(PathBuf::from)
+        );
     }
 
     #[test]

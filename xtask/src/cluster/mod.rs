@@ -4,14 +4,17 @@
 //! `up` builds the components from their Go modules (`e2e/cluster/build.sh`, cached),
 //! generates a PKI, starts etcd, kube-apiserver, kube-controller-manager,
 //! kube-scheduler and kwok as detached processes, creates the GPU nodes kwok
-//! simulates and applies the CRDs. Everything (certificates, kubeconfigs, etcd's
+//! simulates and applies the CRDs. As root it also adds one real node, a kubelet with
+//! containerd on this machine, where pods really run (`realnode`). Everything (certificates, kubeconfigs, etcd's
 //! data, logs, recorded PIDs) lives in one state directory outside the clone:
 //! `$KUBETUNE_CLUSTER_DIR`, else `${KUBETUNE_CACHE:-~/.cache/kubetune}/cluster`.
-//! Every component listens on 127.0.0.1 only.
+//! Every component listens on 127.0.0.1 only, but for the API server and the kubelet
+//! when there is a real node: its pods reach them at the machine's own address.
 
 pub(crate) mod components;
 pub(crate) mod nodes;
 mod pki;
+pub(crate) mod realnode;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -50,12 +53,15 @@ struct State {
     processes: Vec<Recorded>,
     /// Set once `up` finished: nodes Ready and CRDs established.
     ready: bool,
+    /// The real node, when `up` added one.
+    #[serde(default)]
+    real_node: Option<realnode::Node>,
 }
 
 /// Paths inside the state directory.
 #[derive(Debug, Clone)]
-struct Layout {
-    dir: PathBuf,
+pub(crate) struct Layout {
+    pub(crate) dir: PathBuf,
 }
 
 impl Layout {
@@ -97,7 +103,7 @@ impl Layout {
 /// The state directory: `$KUBETUNE_CLUSTER_DIR`, else
 /// `${KUBETUNE_CACHE:-$HOME/.cache/kubetune}/cluster`. The e2e crate's
 /// `test_support::state_dir` finds it the same way.
-fn layout() -> Result<Layout> {
+pub(crate) fn layout() -> Result<Layout> {
     let dir = if let Some(dir) = std::env::var_os("KUBETUNE_CLUSTER_DIR") {
         PathBuf::from(dir)
     } else {
@@ -121,6 +127,8 @@ const USAGE: &str =
                          4x8:NVIDIA-A100-SXM4-80GB,16x8:NVIDIA-H100-80GB-HBM3)
           --port PORT    the API server's port on 127.0.0.1
                          (env KUBETUNE_APISERVER_PORT; default: a free one)
+          --no-real-node no real kubelet node (env KUBETUNE_REAL_NODE=0); without
+                         root there is none anyway
   down    stop exactly the processes `up` started and remove the state
   status  what runs and whether it is healthy (non-zero exit when not)
   env     print `export KUBECONFIG=…` (and PATH with kubectl v1.34) for eval
@@ -143,6 +151,7 @@ pub fn run(root: &Path, args: &[&str]) -> Result<()> {
 pub struct UpOptions {
     nodes: String,
     port: Option<u16>,
+    real_node: bool,
 }
 
 impl UpOptions {
@@ -156,15 +165,21 @@ impl UpOptions {
             Ok(port) if !port.trim().is_empty() => Some(parse_port(&port)?),
             _ => None,
         };
+        let mut real_node = realnode::wanted_by_default();
         let mut args = args.iter();
         while let Some(arg) = args.next() {
             match *arg {
+                "--no-real-node" => real_node = false,
                 "--nodes" => nodes = (*args.next().context("--nodes needs a value")?).to_owned(),
                 "--port" => port = Some(parse_port(args.next().context("--port needs a value")?)?),
                 other => bail!("unknown option {other:?} for `cluster up`\n\n{USAGE}"),
             }
         }
-        Ok(Self { nodes, port })
+        Ok(Self {
+            nodes,
+            port,
+            real_node,
+        })
     }
 }
 
@@ -347,6 +362,11 @@ fn up(root: &Path, options: &UpOptions) -> Result<()> {
         }
     }
 
+    let real_node = if options.real_node {
+        Some(realnode::prepare()?)
+    } else {
+        None
+    };
     let ports = pick_ports(options.port)?;
     for dir in [layout.logs(), layout.dir.join("kubeconfigs")] {
         std::fs::create_dir_all(&dir)
@@ -354,7 +374,7 @@ fn up(root: &Path, options: &UpOptions) -> Result<()> {
     }
     std::os::unix::fs::symlink(&bin_dir, layout.bin())
         .with_context(|| format!("failed to link {}", layout.bin().display()))?;
-    let pki = pki::generate(&layout.pki())?;
+    let pki = pki::generate(&layout.pki(), real_node.as_ref().map(|node| node.ip))?;
     write_kubeconfigs(&layout, &pki, ports.apiserver)?;
     let stages = layout.dir.join("kwok-stages.yaml");
     std::fs::write(
@@ -369,6 +389,7 @@ fn up(root: &Path, options: &UpOptions) -> Result<()> {
         nodes: options.nodes.clone(),
         processes: Vec::new(),
         ready: false,
+        real_node,
     };
     save(&layout, &state)?;
 
@@ -377,6 +398,14 @@ fn up(root: &Path, options: &UpOptions) -> Result<()> {
         let kubectl = kubectl_for(&layout, &state);
         apply_crds(root, &kubectl)?;
         create_nodes(&kubectl, &pools)?;
+        if state.real_node.is_some() {
+            realnode::create_volumes(&layout, &kubectl)?;
+            println!(
+                "    local volumes: StorageClass {} ({})",
+                realnode::STORAGE_CLASS,
+                layout.dir.join("node/volumes").display()
+            );
+        }
         Ok(())
     });
     if let Err(error) = result {
@@ -398,9 +427,13 @@ fn up(root: &Path, options: &UpOptions) -> Result<()> {
     save(&layout, &state)?;
 
     let node_count: usize = pools.iter().map(|pool| pool.count).sum();
+    let real = match &state.real_node {
+        Some(node) => format!(" and the real node {} ({})", realnode::NODE_NAME, node.ip),
+        None => String::new(),
+    };
     println!(
         "cluster is up in {:.1}s: API server https://127.0.0.1:{}, {node_count} simulated GPU \
-         nodes, state in {}",
+         nodes{real}, state in {}",
         started.elapsed().as_secs_f64(),
         ports.apiserver,
         layout.dir.display()
@@ -479,6 +512,16 @@ fn ensure_free_for_apiserver(port: u16) -> Result<()> {
 
 fn write_kubeconfigs(layout: &Layout, pki: &Pki, port: u16) -> Result<()> {
     let users = [
+        (
+            layout.component_kubeconfig("kubelet"),
+            "system:node:kubetune-real",
+            &pki.kubelet,
+        ),
+        (
+            layout.component_kubeconfig("kube-proxy"),
+            "system:kube-proxy",
+            &pki.kube_proxy,
+        ),
         (layout.kubeconfig(), "kubetune-admin", &pki.admin),
         (
             layout.component_kubeconfig("controller-manager"),
@@ -568,18 +611,39 @@ fn start_all(
         ],
         log: layout.log("etcd"),
     };
-    start(layout, state, running, &etcd, ports.etcd_client, || {
-        components::http_get(ports.etcd_client, "/health")
-            .is_some_and(|(code, body)| code == 200 && body.contains("\"health\":\"true\""))
-    })?;
+    start(
+        layout,
+        state,
+        running,
+        &etcd,
+        Some(ports.etcd_client),
+        || {
+            components::http_get(ports.etcd_client, "/health")
+                .is_some_and(|(code, body)| code == 200 && body.contains("\"health\":\"true\""))
+        },
+    )?;
 
+    let mut apiserver_args = match &state.real_node {
+        // Pods reach the API server at the machine's address (through the
+        // `kubernetes` Service and kube-proxy); it reaches the kubelet there for logs
+        // and exec, with a client certificate the kubelet's webhook authorizes.
+        Some(node) => vec![
+            "--bind-address=0.0.0.0".into(),
+            format!("--advertise-address={}", node.ip),
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            arg("--kubelet-client-certificate", &pki.admin.cert),
+            arg("--kubelet-client-key", &pki.admin.key),
+        ],
+        None => vec![
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+        ],
+    };
     let apiserver = Component {
         name: "kube-apiserver",
         program: bin.join("kube-apiserver"),
         args: vec![
             format!("--etcd-servers={}", etcd_url(ports.etcd_client)),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
             format!("--secure-port={}", ports.apiserver),
             arg("--cert-dir", &layout.dir.join("apiserver")),
             arg("--tls-cert-file", &pki.apiserver.cert),
@@ -595,12 +659,20 @@ fn start_all(
             ),
             "--allow-privileged=true".into(),
             "--profiling=false".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(apiserver_args.drain(..))
+        .collect(),
         log: layout.log("kube-apiserver"),
     };
-    start(layout, state, running, &apiserver, ports.apiserver, || {
-        kubectl.healthy(None, "/readyz")
-    })?;
+    start(
+        layout,
+        state,
+        running,
+        &apiserver,
+        Some(ports.apiserver),
+        || kubectl.healthy(None, "/readyz"),
+    )?;
 
     let cm_kubeconfig = layout.component_kubeconfig("controller-manager");
     let controller_manager = Component {
@@ -634,7 +706,7 @@ fn start_all(
         state,
         running,
         &controller_manager,
-        ports.controller_manager,
+        Some(ports.controller_manager),
         || kubectl.healthy(Some(ports.controller_manager), "/healthz"),
     )?;
 
@@ -656,9 +728,14 @@ fn start_all(
         ],
         log: layout.log("kube-scheduler"),
     };
-    start(layout, state, running, &scheduler, ports.scheduler, || {
-        kubectl.healthy(Some(ports.scheduler), "/healthz")
-    })?;
+    start(
+        layout,
+        state,
+        running,
+        &scheduler,
+        Some(ports.scheduler),
+        || kubectl.healthy(Some(ports.scheduler), "/healthz"),
+    )?;
 
     let kwok = Component {
         name: "kwok",
@@ -679,9 +756,66 @@ fn start_all(
         ],
         log: layout.log("kwok"),
     };
-    start(layout, state, running, &kwok, ports.kwok, || {
+    start(layout, state, running, &kwok, Some(ports.kwok), || {
         kubectl.healthy(Some(ports.kwok), "/healthz")
     })?;
+
+    if state.real_node.is_some() {
+        start_real_node(layout, pki, state, running, &kubectl)?;
+    }
+    Ok(())
+}
+
+/// containerd (with the pause image), the kubelet and kube-proxy.
+fn start_real_node(
+    layout: &Layout,
+    pki: &Pki,
+    state: &mut State,
+    running: &mut Vec<Running>,
+    kubectl: &Kubectl,
+) -> Result<()> {
+    let bin = state.bin_dir.clone();
+    let node_start = realnode::Start {
+        layout,
+        bin: &bin,
+        ca: &pki.ca.cert,
+        kubelet_kubeconfig: layout.component_kubeconfig("kubelet"),
+        proxy_kubeconfig: layout.component_kubeconfig("kube-proxy"),
+    };
+    let containerd = node_start.containerd()?;
+    start(layout, state, running, &containerd, None, || {
+        node_start.containerd_ready()
+    })?;
+    realnode::import_pause_image(layout, include_str!("../../../e2e/cluster/pause.c"))?;
+
+    let mut node = state
+        .real_node
+        .clone()
+        .context("the real node was prepared")?;
+    realnode::save_sysctls(&mut node);
+    state.real_node = Some(node.clone());
+    save(layout, state)?;
+    let kubelet = node_start.kubelet(&node)?;
+    start(
+        layout,
+        state,
+        running,
+        &kubelet,
+        Some(node.kubelet_healthz_port),
+        || realnode::node_ready(kubectl),
+    )?;
+    let proxy = node_start.kube_proxy(&node);
+    start(
+        layout,
+        state,
+        running,
+        &proxy,
+        Some(node.proxy_healthz_port),
+        || {
+            components::http_get(node.proxy_healthz_port, "/healthz")
+                .is_some_and(|(code, _)| code == 200)
+        },
+    )?;
     Ok(())
 }
 
@@ -691,11 +825,13 @@ fn start(
     state: &mut State,
     running: &mut Vec<Running>,
     component: &Component,
-    port: u16,
+    port: Option<u16>,
     ready: impl FnMut() -> bool,
 ) -> Result<()> {
     // Ports were free when picked; say clearly if something took one since.
-    if !components::port_is_free(port) {
+    if let Some(port) = port
+        && !components::port_is_free(port)
+    {
         bail!(
             "port {port} on 127.0.0.1, picked for {}, is now in use by another program",
             component.name
@@ -710,8 +846,9 @@ fn start(
         .last_mut()
         .context("the process just started is recorded")?;
     components::wait_ready(process, READY_TIMEOUT, ready)?;
+    let listening = port.map_or_else(String::new, |port| format!(", 127.0.0.1:{port}"));
     println!(
-        "    {} ready in {:.1}s (pid {}, 127.0.0.1:{port})",
+        "    {} ready in {:.1}s (pid {}{listening})",
         component.name,
         step.elapsed().as_secs_f64(),
         process.recorded.pid
@@ -778,6 +915,14 @@ fn describe_pools(pools: &[nodes::Pool]) -> String {
 
 /// Stops every recorded process (last started first) and removes the state.
 fn teardown(layout: &Layout, state: &State) -> Result<()> {
+    let kubectl = kubectl_for(layout, state);
+    let real_node_runs = state
+        .processes
+        .iter()
+        .any(|recorded| recorded.name == "kubelet" && components::alive(recorded));
+    if real_node_runs && kubectl.healthy(None, "/readyz") {
+        realnode::drain(&kubectl);
+    }
     let mut failures = Vec::new();
     for recorded in state.processes.iter().rev() {
         let was_alive = components::alive(recorded);
@@ -796,6 +941,10 @@ fn teardown(layout: &Layout, state: &State) -> Result<()> {
             layout.dir.display(),
             failures.join("\n")
         );
+    }
+    if let Some(node) = &state.real_node {
+        realnode::cleanup(layout, node, &state.bin_dir)?;
+        println!("    removed the real node's bridge, chains, mounts and cgroups");
     }
     remove_state(layout)
 }
@@ -864,6 +1013,16 @@ fn status() -> Result<()> {
                 ports.kwok,
                 running && kubectl.healthy(Some(ports.kwok), "/healthz"),
             ),
+            "kubelet" => (0, running && realnode::node_ready(&kubectl)),
+            "kube-proxy" => match &state.real_node {
+                Some(node) => (
+                    node.proxy_healthz_port,
+                    running
+                        && components::http_get(node.proxy_healthz_port, "/healthz")
+                            .is_some_and(|(code, _)| code == 200),
+                ),
+                None => (0, running),
+            },
             _ => (0, running),
         };
         healthy &= check;
@@ -879,10 +1038,11 @@ fn status() -> Result<()> {
             }
         );
     }
-    if state.processes.len() < 5 {
+    let expected = if state.real_node.is_some() { 8 } else { 5 };
+    if state.processes.len() < expected {
         healthy = false;
         println!(
-            "  only {} of 5 components were started",
+            "  only {} of {expected} components were started",
             state.processes.len()
         );
     }

@@ -7,10 +7,13 @@
 //! it, the controller manager mints them). ECDSA P-256 keys: quick to generate and
 //! understood by Go, kubectl and rustls alike.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+
+use super::realnode;
 
 /// The first address of the service CIDR: the `kubernetes` Service's ClusterIP,
 /// which in-cluster clients reach the API server through.
@@ -54,6 +57,9 @@ pub struct Pki {
     pub controller_manager: KeyPair,
     pub scheduler: KeyPair,
     pub kwok: KeyPair,
+    /// The real node's kubelet (`system:node:<name>`) and kube-proxy.
+    pub kubelet: KeyPair,
+    pub kube_proxy: KeyPair,
     pub service_account_key: PathBuf,
     pub service_account_pub: PathBuf,
 }
@@ -81,14 +87,17 @@ impl Pki {
             controller_manager: pair("controller-manager"),
             scheduler: pair("scheduler"),
             kwok: pair("kwok"),
+            kubelet: pair("kubelet"),
+            kube_proxy: pair("kube-proxy"),
             service_account_key: dir.join("service-account.key"),
             service_account_pub: dir.join("service-account.pub"),
         }
     }
 }
 
-/// Generates a fresh PKI in `dir` (created if missing).
-pub fn generate(dir: &Path) -> Result<Pki> {
+/// Generates a fresh PKI in `dir` (created if missing). `node_ip`, the real node's
+/// address, joins the API server's names: pods reach it there.
+pub fn generate(dir: &Path, node_ip: Option<Ipv4Addr>) -> Result<Pki> {
     std::fs::create_dir_all(dir).with_context(|| format!("failed to create {}", dir.display()))?;
     let pki = Pki::at(dir);
 
@@ -112,10 +121,14 @@ pub fn generate(dir: &Path) -> Result<Pki> {
         .concat(),
     )?;
 
-    let apiserver_sans = format!(
+    let mut apiserver_sans = format!(
         "IP:127.0.0.1,IP:{FIRST_SERVICE_IP},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,\
          DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
     );
+    if let Some(ip) = node_ip {
+        apiserver_sans.push_str(&format!(",IP:{ip}"));
+    }
+    let kubelet_subject = format!("/O=system:nodes/CN=system:node:{}", realnode::NODE_NAME);
     let leaves = [
         (
             &pki.apiserver,
@@ -169,6 +182,27 @@ pub fn generate(dir: &Path) -> Result<Pki> {
             Leaf {
                 name: "kwok's client certificate",
                 subject: "/O=system:masters/CN=kwok-controller",
+                usage: "clientAuth",
+                sans: None,
+            },
+        ),
+        (
+            // The Node authorizer and the NodeRestriction admission plugin know a
+            // kubelet by this name and group.
+            &pki.kubelet,
+            Leaf {
+                name: "the real node's kubelet client certificate",
+                subject: &kubelet_subject,
+                usage: "clientAuth",
+                sans: None,
+            },
+        ),
+        (
+            // Bound to system:node-proxier by the default RBAC policy.
+            &pki.kube_proxy,
+            Leaf {
+                name: "kube-proxy's client certificate",
+                subject: "/CN=system:kube-proxy",
                 usage: "clientAuth",
                 sans: None,
             },
