@@ -20,6 +20,7 @@ use crate::data::load_dataset;
 use crate::dpo::DpoSettings;
 use crate::error::{Error, Result, read_input_file};
 use crate::full::DEFAULT_MAX_SHARD_BYTES;
+use crate::gguf::{ImportSummary, import_gguf};
 use crate::lora::LoraSettings;
 use crate::model::{Llama, Pass, default_device};
 use crate::progress::{self, SharedProgress};
@@ -42,6 +43,9 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Print the mean cross-entropy of a model (and adapter) on a dataset as one JSON line.
     Eval(EvalArgs),
+    /// Convert a llama.cpp GGUF file of a Llama-architecture model into a Hugging Face
+    /// checkpoint directory (f32 weights, tokenizer, chat template).
+    ImportGguf(ImportGgufArgs),
 }
 
 /// Dataset formats on the command line.
@@ -219,6 +223,21 @@ pub struct EvalArgs {
     /// Longest sequence in tokens.
     #[arg(long, default_value_t = 2048)]
     pub max_seq_length: usize,
+}
+
+/// `import-gguf`'s arguments.
+#[derive(Debug, Args)]
+pub struct ImportGgufArgs {
+    /// The GGUF file.
+    pub file: PathBuf,
+    /// The checkpoint directory to create (must not exist, or be empty).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Runs `import-gguf`.
+pub fn run_import_gguf(args: &ImportGgufArgs) -> Result<ImportSummary> {
+    import_gguf(&args.file, &args.out)
 }
 
 fn decimal(flag: &str, text: &str) -> Result<Decimal> {

@@ -58,14 +58,29 @@ pub fn save_full_model(
         }
     }
 
+    let tensors = model
+        .full_params()
+        .into_iter()
+        .map(|(name, var)| (name, var.as_tensor().clone()))
+        .collect();
+    write_weights(out, tensors, max_shard_bytes)
+}
+
+/// Writes `tensors` (Hugging Face names, checkpoint order) into `out` as
+/// `model.safetensors`, or as shards of at most `max_shard_bytes` with an index, and
+/// removes weights a previous attempt left under other names. The artifact is the
+/// single weights file, or the index when sharded.
+pub fn write_weights(
+    out: &Path,
+    tensors: Vec<(String, Tensor)>,
+    max_shard_bytes: u64,
+) -> Result<Artifact> {
     // Greedy shards in checkpoint order, each at most max_shard_bytes unless a single
     // tensor is larger (transformers does the same).
-    let params = model.full_params();
     let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
     let mut shard_bytes = 0u64;
     let mut total = 0u64;
-    for (name, var) in params {
-        let t = var.as_tensor();
+    for (name, t) in tensors {
         let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
         let current = shards.last_mut().expect("there is always a current shard");
         if !current.is_empty() && shard_bytes + bytes > max_shard_bytes {
@@ -77,7 +92,7 @@ pub fn save_full_model(
         shards
             .last_mut()
             .expect("there is always a current shard")
-            .push((name, t.clone()));
+            .push((name, t));
     }
     // A previous attempt may have left weights under other names.
     remove_stale_weights(out)?;

@@ -29,6 +29,9 @@
 //!   standalone, defaults as in the CRD.
 //! - `kubetune-trainer eval --model DIR [--adapter DIR] --data FILE [--format ...]`
 //!   prints one JSON line `{"loss": <mean cross-entropy per target token>, "tokens": N}`.
+//! - `kubetune-trainer import-gguf FILE --out DIR` writes a Hugging Face checkpoint
+//!   (f32 weights, tokenizer, chat template) from a llama.cpp GGUF file of a
+//!   Llama-architecture model ([`gguf`]) and prints a JSON summary line.
 //! - While training: `GET /progress` (JSON), `/metrics` (Prometheus), `/healthz` on
 //!   `--progress-addr` or `KUBETUNE_PROGRESS_ADDR` (default `0.0.0.0:8080`); logs are
 //!   JSON lines on stderr.
@@ -92,6 +95,7 @@ pub mod data;
 pub mod dpo;
 pub mod error;
 pub mod full;
+pub mod gguf;
 pub mod lora;
 pub mod model;
 pub mod nf4;

@@ -3,7 +3,7 @@
 
 use clap::Parser as _;
 use kubetune_crds::training::contract::TrainerResult;
-use kubetune_trainer::cli::{Cli, Command, run_eval, run_train};
+use kubetune_trainer::cli::{Cli, Command, run_eval, run_import_gguf, run_train};
 use kubetune_trainer::{exit_code, write_termination_log};
 
 fn main() {
@@ -53,6 +53,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => {
             let report = run_eval(&args)?;
             println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::ImportGguf(args) => {
+            let started = std::time::Instant::now();
+            let summary = run_import_gguf(&args)?;
+            tracing::info!(seconds = started.elapsed().as_secs_f64(), "imported GGUF");
+            println!("{}", serde_json::to_string(&summary)?);
         }
         Command::Train(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()

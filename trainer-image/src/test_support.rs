@@ -1,11 +1,13 @@
 //! Fixtures for tests and benchmarks: a tiny random Llama written in the real on-disk
 //! formats (config.json, sharded safetensors, tokenizer.json built with the
-//! `tokenizers` API, tokenizer_config.json with a ChatML template), and JSONL datasets.
-//! Nothing is downloaded.
+//! `tokenizers` API, tokenizer_config.json with a ChatML template) or as the GGUF file
+//! llama.cpp's converter would write, and JSONL datasets. Nothing is downloaded.
 
 use std::collections::HashMap;
 use std::path::Path;
 
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -200,6 +202,204 @@ impl TinyLlama {
         write_tokenizer(dir)?;
         Ok(())
     }
+}
+
+/// The merges of the fixture's GGUF vocabulary; their results follow the byte tokens and
+/// [`SPECIAL_TOKENS`] in the vocabulary.
+pub const GGUF_MERGES: [&str; 4] = ["Ġ t", "h e", "Ġt he", "i n"];
+
+/// GGUF's names for the linear weights of a block, with the Hugging Face ones.
+const GGUF_BLOCK_TENSORS: [(&str, &str); 9] = [
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+];
+
+/// llama.cpp's `LlamaModel.permute` (convert_hf_to_gguf.py): each head's rows
+/// reshaped `(heads, 2, head_dim/2, in)`, the middle axes swapped.
+pub fn llama_cpp_permute(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    Ok(w.reshape((heads, 2, rows / heads / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
+impl TinyLlama {
+    /// The GGUF metadata llama.cpp's converter writes for this model: `llama.*`
+    /// hyperparameters and a `gpt2` tokenizer whose vocabulary is the 256 byte tokens
+    /// (ids as in [`write_tokenizer`]), the special tokens (control), the results of
+    /// [`GGUF_MERGES`] and unused fillers up to the vocabulary size; EOS `<|im_end|>`,
+    /// the ChatML template.
+    pub fn gguf_metadata(&self) -> Result<Vec<(String, Value)>> {
+        let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+        alphabet.sort_unstable();
+        let mut tokens: Vec<String> = alphabet.iter().map(|c| c.to_string()).collect();
+        let mut types = vec![1i32; tokens.len()];
+        for special in SPECIAL_TOKENS {
+            tokens.push(special.to_owned());
+            types.push(3);
+        }
+        for merge in GGUF_MERGES {
+            tokens.push(merge.replace(' ', ""));
+            types.push(1);
+        }
+        if tokens.len() > self.vocab {
+            return Err(Error::invalid(format!(
+                "the GGUF fixture needs a vocabulary of at least {}",
+                tokens.len()
+            )));
+        }
+        while tokens.len() < self.vocab {
+            tokens.push(format!("<unused{}>", tokens.len()));
+            types.push(5);
+        }
+        if self.llama3_rope || self.qwen2 {
+            return Err(Error::invalid(
+                "GGUF fixtures are plain llama models (no llama3 RoPE, no Qwen2 biases)",
+            ));
+        }
+        let id = |t: &str| -> u32 {
+            tokens
+                .iter()
+                .position(|x| x == t)
+                .expect("a special token is in the vocabulary") as u32
+        };
+        let strings =
+            |items: Vec<String>| Value::Array(items.into_iter().map(Value::String).collect());
+        let u32_of = |n: usize| Value::U32(n as u32);
+        Ok(vec![
+            ("general.architecture".into(), Value::String("llama".into())),
+            ("general.name".into(), Value::String("tiny".into())),
+            ("llama.block_count".into(), u32_of(self.layers)),
+            ("llama.context_length".into(), u32_of(2048)),
+            ("llama.embedding_length".into(), u32_of(self.hidden)),
+            (
+                "llama.feed_forward_length".into(),
+                u32_of(self.intermediate),
+            ),
+            ("llama.attention.head_count".into(), u32_of(self.heads)),
+            (
+                "llama.attention.head_count_kv".into(),
+                u32_of(self.kv_heads),
+            ),
+            ("llama.rope.freq_base".into(), Value::F32(10_000.0)),
+            (
+                "llama.attention.layer_norm_rms_epsilon".into(),
+                Value::F32(1e-5),
+            ),
+            ("llama.vocab_size".into(), u32_of(self.vocab)),
+            (
+                "llama.rope.dimension_count".into(),
+                u32_of(self.hidden / self.heads),
+            ),
+            ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
+            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+            (
+                "tokenizer.ggml.token_type".into(),
+                Value::Array(types.into_iter().map(Value::I32).collect()),
+            ),
+            (
+                "tokenizer.ggml.merges".into(),
+                strings(GGUF_MERGES.iter().map(|m| m.to_string()).collect()),
+            ),
+            ("tokenizer.ggml.bos_token_id".into(), Value::U32(id("<s>"))),
+            (
+                "tokenizer.ggml.eos_token_id".into(),
+                Value::U32(id("<|im_end|>")),
+            ),
+            (
+                "tokenizer.ggml.padding_token_id".into(),
+                Value::U32(id("</s>")),
+            ),
+            (
+                "tokenizer.chat_template".into(),
+                Value::String(CHATML_TEMPLATE.into()),
+            ),
+            ("tokenizer.ggml.tokens".into(), strings(tokens)),
+        ])
+    }
+
+    /// The model's weights under GGUF names as llama.cpp's converter writes them: q and
+    /// k rows permuted ([`llama_cpp_permute`]), linear weights as `linear`, the
+    /// embedding and LM head as `embedding`, norms in f32.
+    pub fn gguf_tensors(
+        &self,
+        linear: GgmlDType,
+        embedding: GgmlDType,
+    ) -> Result<Vec<(String, QTensor)>> {
+        let weights: HashMap<String, Tensor> = self.weights()?.into_iter().collect();
+        let get = |name: &str| {
+            weights
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::invalid(format!("fixture has no {name}")))
+        };
+        let mut out = vec![(
+            "token_embd.weight".to_owned(),
+            QTensor::quantize(&get("model.embed_tokens.weight")?, embedding)?,
+        )];
+        for i in 0..self.layers {
+            for (gguf, hf) in GGUF_BLOCK_TENSORS {
+                let mut w = get(&format!("model.layers.{i}.{hf}.weight"))?;
+                let dtype = if w.rank() == 1 {
+                    GgmlDType::F32
+                } else {
+                    linear
+                };
+                if gguf == "attn_q" {
+                    w = llama_cpp_permute(&w, self.heads)?;
+                } else if gguf == "attn_k" {
+                    w = llama_cpp_permute(&w, self.kv_heads)?;
+                }
+                out.push((
+                    format!("blk.{i}.{gguf}.weight"),
+                    QTensor::quantize(&w, dtype)?,
+                ));
+            }
+        }
+        out.push((
+            "output_norm.weight".to_owned(),
+            QTensor::quantize(&get("model.norm.weight")?, GgmlDType::F32)?,
+        ));
+        if !self.tie_embeddings {
+            out.push((
+                "output.weight".to_owned(),
+                QTensor::quantize(&get("lm_head.weight")?, embedding)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Writes the model as a GGUF file (see [`Self::gguf_metadata`] and
+    /// [`Self::gguf_tensors`]).
+    pub fn write_gguf(&self, path: &Path, linear: GgmlDType, embedding: GgmlDType) -> Result<()> {
+        write_gguf(
+            path,
+            &self.gguf_metadata()?,
+            &self.gguf_tensors(linear, embedding)?,
+        )
+    }
+}
+
+/// Writes a GGUF file with candle's writer.
+pub fn write_gguf(
+    path: &Path,
+    metadata: &[(String, Value)],
+    tensors: &[(String, QTensor)],
+) -> Result<()> {
+    let mut file = std::fs::File::create(path).map_err(io(path))?;
+    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    gguf_file::write(&mut file, &metadata, &tensors)?;
+    Ok(())
 }
 
 /// Writes `tokenizer.json` (byte-level BPE over the 256 bytes, no merges, BOS added by
