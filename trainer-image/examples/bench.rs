@@ -18,7 +18,9 @@
 //!   smaller Llama (~6M parameters, hidden 256, 4 blocks, vocabulary 8000) on 1, 2 and
 //!   4 ranks, each rank a process with one compute thread (`RAYON_NUM_THREADS=1`) and
 //!   `--batch-size` sequences per step, gradients summed with Gloo over loopback: tokens/s
-//!   of each and the scaling efficiency `tokens/s(N) / (N × tokens/s(1))`. Ranks beyond
+//!   of each, the seconds per step rank 0 spends in the gradient exchange (waiting for
+//!   the other ranks included) and the scaling efficiency
+//!   `tokens/s(N) / (N × tokens/s(1))`. Ranks beyond
 //!   the machine's cores share cores, which caps the efficiency at `cores / N`.
 //!
 //! It writes a random ~50M-parameter Llama (hidden 512, 10 blocks, 8 heads / 4 KV
@@ -392,8 +394,9 @@ fn bench_full(root: &Path, args: &Args) {
         }
         let efficiency = tps / (ranks as f64 * single);
         let step = zero["step_s"].as_f64().expect("step_s");
+        let exchange = zero["collective_s_per_step"].as_f64().unwrap_or(0.0);
         let line = format!(
-            "{ranks} rank{}: {tps:>7.0} tokens/s, {step:.2} s per step, efficiency {efficiency:.2}{}",
+            "{ranks} rank{}: {tps:>7.0} tokens/s, {step:.2} s per step ({exchange:.2} s in the gradient exchange), efficiency {efficiency:.2}{}",
             if ranks == 1 { " " } else { "s" },
             if ranks > cores {
                 format!(" ({ranks} ranks on {cores} cores: oversubscribed)")
@@ -408,6 +411,7 @@ fn bench_full(root: &Path, args: &Args) {
         report[format!("full_ft_step_s_{ranks}_{plural}")] = step.into();
         if ranks > 1 {
             report[format!("scaling_efficiency_{ranks}_ranks_ratio")] = efficiency.into();
+            report[format!("full_ft_exchange_s_per_step_{ranks}_ranks")] = exchange.into();
         }
     }
     eprintln!("full fine-tuning, data-parallel ({cores} cores, one thread per rank):");
@@ -670,6 +674,7 @@ fn main() {
             serde_json::json!({
                 "tokens_per_s": summary.tokens_per_second,
                 "step_s": tokens_per_step / summary.tokens_per_second,
+                "collective_s_per_step": summary.collective_seconds / summary.steps.max(1) as f64,
             })
         );
         return;

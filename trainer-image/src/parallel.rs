@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
 
@@ -122,7 +122,7 @@ impl Ranks {
             let total: usize = grads.iter().map(Tensor::elem_count).sum();
             let mut flat = Vec::with_capacity(total);
             for g in grads.iter() {
-                flat.extend(g.flatten_all()?.to_vec1::<f32>()?);
+                flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
             }
             comm.allreduce_sum_f32(&mut flat).map_err(collective)?;
             let mut offset = 0;
@@ -150,7 +150,7 @@ impl Ranks {
         if let Some(comm) = &mut self.comm {
             for p in params {
                 let t = p.as_tensor();
-                let mut values = t.flatten_all()?.to_vec1::<f32>()?;
+                let mut values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
                 comm.broadcast_f32(&mut values, 0).map_err(collective)?;
                 let from_zero =
                     Tensor::from_vec(values, t.shape(), t.device())?.to_dtype(t.dtype())?;
@@ -189,7 +189,12 @@ impl Ranks {
 pub fn weights_fingerprint(params: &[&Var]) -> Result<f64> {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for p in params {
-        for x in p.as_tensor().flatten_all()?.to_vec1::<f32>()? {
+        for x in p
+            .as_tensor()
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+        {
             hash ^= u64::from(x.to_bits());
             hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
         }

@@ -167,10 +167,18 @@ pub struct RunSummary {
     /// `eval_`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, f64>,
+    /// Data-parallel runs: seconds of the last attempt this rank spent in the gradient
+    /// exchange, waiting for slower ranks included.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub collective_seconds: f64,
     /// Whether this process wrote the outputs: rank 0 of a gang, or a lone process.
     /// Other ranks write nothing, and their `adapter` is empty.
     #[serde(skip)]
     pub primary: bool,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// Summed loss and the target count of a dataset under `pass`.
@@ -678,6 +686,7 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
     let mut attempt_tokens = 0u64;
     let mut order_cache: Option<(u64, Vec<usize>)> = None;
     let mut last_metrics = BTreeMap::new();
+    let mut collective_seconds = 0.0;
     while state.step < total_steps {
         // This step's micro-batches: this rank's share of each, and the weight of the
         // whole step (every rank's share).
@@ -768,7 +777,11 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
             step_tokens as f64,
             f64::from(u8::from(stop_requested)),
         ];
+        let exchange = Instant::now();
         ranks.sum(&mut grads, &mut figures)?;
+        if ranks.world_size() > 1 {
+            collective_seconds += exchange.elapsed().as_secs_f64();
+        }
         let [loss_sum, step_tokens, stops] = figures;
         attempt_tokens += step_tokens as u64;
         state.tokens_seen += step_tokens as u64;
@@ -881,6 +894,7 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         resumed_from_step,
         adapter,
         metrics,
+        collective_seconds,
         primary: ranks.is_primary(),
     };
     if summary.primary {
