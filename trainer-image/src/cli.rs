@@ -209,6 +209,9 @@ pub struct TrainArgs {
     /// rank 0's checkpoint writes, which the others wait for.
     #[arg(long, env = ENV_COLLECTIVE_TIMEOUT, default_value_t = 300)]
     pub collective_timeout_seconds: u64,
+    /// Behave as if SIGTERM arrived right after this step (tests and drills).
+    #[arg(long, hide = true)]
+    pub interrupt_after_step: Option<u64>,
 }
 
 /// Overrides `--rendezvous-timeout-seconds`.
@@ -542,6 +545,7 @@ pub async fn run_train(args: TrainArgs) -> Result<RunSummary> {
         None => config_from_flags(&args)?,
     };
     let mut opts = options_from_config(&config, args.recompute)?;
+    opts.interrupt_after_step = args.interrupt_after_step;
     opts.gang = gang_from_env(
         Duration::from_secs(args.rendezvous_timeout_seconds),
         Duration::from_secs(args.collective_timeout_seconds),

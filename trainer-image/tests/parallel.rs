@@ -241,32 +241,32 @@ fn a_stop_on_one_rank_stops_the_gang_after_the_same_step_and_the_gang_resumes_fr
     let run = Run {
         batch: 2,
         accum: 1,
-        steps: 30,
+        steps: 8,
     };
-    let checkpoints = ["--checkpoint-every", "1", "--checkpoint-keep", "2"];
+    let checkpoints = ["--checkpoint-every", "2", "--checkpoint-keep", "2"];
     single(d, "one", Run { batch: 4, ..run });
 
-    let mut children = start_gang(d, "gang", run, 2, &checkpoints);
-    let first = d
-        .join("gang")
-        .join("checkpoints")
-        .join("checkpoint-00000002");
-    let started = Instant::now();
-    while !first.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // SIGTERM to rank 1 only, as if only its pod were being deleted.
-    let terminated = Command::new("kill")
-        .args(["-TERM", &children[1].id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(terminated.success());
-    let outputs = finish(std::mem::take(&mut children));
-    for (rank, output) in outputs.iter().enumerate() {
+    // Rank 1 alone behaves as if its pod got SIGTERM after step 3 (the signal's path to
+    // that flag is tested in cli.rs); rank 0 must stop after the same step.
+    let port = free_port();
+    let ranks: Vec<Child> = (0..2)
+        .map(|rank| {
+            let mut extra = checkpoints.to_vec();
+            if rank == 1 {
+                extra.extend(["--interrupt-after-step", "3"]);
+            }
+            command(d, "gang", run, &extra)
+                .env("KUBETUNE_WORLD_SIZE", "2")
+                .env("KUBETUNE_RANK", rank.to_string())
+                .env("KUBETUNE_RENDEZVOUS", format!("127.0.0.1:{port}"))
+                .env("KUBETUNE_TERMINATION_LOG", d.join(format!("stop-{rank}")))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("the trainer starts")
+        })
+        .collect();
+    for (rank, output) in finish(ranks).iter().enumerate() {
         assert_eq!(
             output.status.code(),
             Some(143),
@@ -274,12 +274,14 @@ fn a_stop_on_one_rank_stops_the_gang_after_the_same_step_and_the_gang_resumes_fr
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    assert!(
+        d.join("gang/checkpoints/checkpoint-00000003").is_dir(),
+        "rank 0 checkpointed the step the gang stopped after"
+    );
 
     let outputs = finish(start_gang(d, "gang", run, 2, &checkpoints));
     assert_success(&outputs);
-    let resumed = metrics(d, "gang");
-    let from = resumed["resumedFromStep"].as_u64().expect("resumed step");
-    assert!((2..30).contains(&from), "resumed from step {from}");
+    assert_eq!(metrics(d, "gang")["resumedFromStep"], 3);
     assert_same_run(d, "one", "gang", 2);
 }
 
