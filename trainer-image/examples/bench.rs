@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release -p kubetune-trainer --example bench -- [--steps N] [--seq-len T]
 //!     [--batch-size B] [--rank R] [--recompute] [--no-pytorch] [--venv DIR]
-//!     [--method lora|qlora|dpo]
+//!     [--method lora|qlora|dpo|full]
 //! ```
 //!
 //! - `--method qlora`: the base linear weights' memory with LoRA (f32 on the CPU, and
@@ -14,6 +14,14 @@
 //! - `--method dpo`: DPO's training step time on random preference pairs (`--batch-size`
 //!   pairs per step, prompt and each completion `--seq-len`/2 tokens), next to a LoRA
 //!   step on sequences of the same length.
+//! - `--method full` (build with `--features gloo`): data-parallel full fine-tuning of a
+//!   smaller Llama (~6M parameters, hidden 256, 4 blocks, vocabulary 8000) on 1, 2 and
+//!   4 ranks, each rank a process with one compute thread (`RAYON_NUM_THREADS=1`) and
+//!   `--batch-size` sequences per step, gradients summed with Gloo over loopback: tokens/s
+//!   of each, the seconds per step rank 0 spends in the gradient exchange (waiting for
+//!   the other ranks included) and the scaling efficiency
+//!   `tokens/s(N) / (N × tokens/s(1))`. Ranks beyond
+//!   the machine's cores share cores, which caps the efficiency at `cores / N`.
 //!
 //! It writes a random ~50M-parameter Llama (hidden 512, 10 blocks, 8 heads / 4 KV
 //! heads, MLP 1536, vocabulary 32000, tied embeddings) and a text dataset into a
@@ -151,6 +159,7 @@ fn options(root: &Path, args: &Args) -> TrainOptions {
         checkpoint_keep: 1,
         recompute: args.recompute,
         interrupt_after_step: None,
+        gang: None,
     }
 }
 
@@ -168,7 +177,23 @@ fn method_options(root: &Path, args: &Args) -> TrainOptions {
             opts.format = DatasetFormat::Preference;
             opts.train_file = root.join("prefs.jsonl");
         }
-        other => panic!("--method {other}: expected lora, qlora or dpo"),
+        "full" => {
+            opts.method = MethodOptions::Full {
+                max_shard_bytes: u64::MAX,
+            };
+            opts.model_dir = root.join("full-model");
+            opts.learning_rate = 1e-4;
+            let gang = kubetune_trainer::cli::gang_from_env(
+                Duration::from_secs(60),
+                Duration::from_secs(60),
+            )
+            .expect("the gang's environment");
+            let world = gang.as_ref().map_or(1, |g| g.world_size);
+            opts.output_dir = root.join(format!("out-full-{world}"));
+            opts.checkpoint_dir = opts.output_dir.join("checkpoints");
+            opts.gang = gang;
+        }
+        other => panic!("--method {other}: expected lora, qlora, dpo or full"),
     }
     opts
 }
@@ -302,6 +327,98 @@ fn bench_dpo(root: &Path, args: &Args, spec: &TinyLlama) {
             "dpo_to_lora_step_ratio": dpo_step / lora_step,
         })
     );
+}
+
+/// The model `--method full` trains: small enough that a full step on one thread takes
+/// about a second at the default sequence length.
+fn full_model_spec() -> TinyLlama {
+    TinyLlama {
+        hidden: 256,
+        intermediate: 768,
+        layers: 4,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 8000,
+        ..model_spec()
+    }
+}
+
+/// `--method full`: data-parallel full fine-tuning on 1, 2 and 4 ranks.
+fn bench_full(root: &Path, args: &Args) {
+    let spec = full_model_spec();
+    spec.write(&root.join("full-model")).expect("write model");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut report = serde_json::json!({
+        "full_ft_model_params_m": spec.parameters() as f64 / 1e6,
+        "seq_len_tokens": args.seq_len,
+        "batch_size_per_rank": args.batch_size,
+        "steps": args.steps,
+        "cpu_cores": cores,
+        "threads_per_rank": 1,
+    });
+    let exe = std::env::current_exe().expect("own path");
+    let mut single = 0.0;
+    let mut lines = Vec::new();
+    for ranks in [1usize, 2, 4] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let children: Vec<_> = (0..ranks)
+            .map(|rank| {
+                let mut worker = Command::new(&exe);
+                worker
+                    .args(["--worker", &root.to_string_lossy(), "--method", "full"])
+                    .args(["--steps", &args.steps.to_string()])
+                    .args(["--seq-len", &args.seq_len.to_string()])
+                    .args(["--batch-size", &args.batch_size.to_string()])
+                    .env("RAYON_NUM_THREADS", "1")
+                    .env("KUBETUNE_WORLD_SIZE", ranks.to_string())
+                    .env("KUBETUNE_RANK", rank.to_string())
+                    .env("KUBETUNE_RENDEZVOUS", format!("127.0.0.1:{port}"))
+                    .stdout(Stdio::piped());
+                worker.spawn().expect("a rank starts")
+            })
+            .collect();
+        let mut outputs: Vec<_> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().expect("a rank ends"))
+            .collect();
+        for output in &outputs {
+            assert!(output.status.success(), "a rank failed: {}", output.status);
+        }
+        let zero = last_json(&String::from_utf8_lossy(&outputs.remove(0).stdout));
+        let tps = zero["tokens_per_s"].as_f64().expect("tokens_per_s");
+        if ranks == 1 {
+            single = tps;
+        }
+        let efficiency = tps / (ranks as f64 * single);
+        let step = zero["step_s"].as_f64().expect("step_s");
+        let exchange = zero["collective_s_per_step"].as_f64().unwrap_or(0.0);
+        let line = format!(
+            "{ranks} rank{}: {tps:>7.0} tokens/s, {step:.2} s per step ({exchange:.2} s in the gradient exchange), efficiency {efficiency:.2}{}",
+            if ranks == 1 { " " } else { "s" },
+            if ranks > cores {
+                format!(" ({ranks} ranks on {cores} cores: oversubscribed)")
+            } else {
+                String::new()
+            }
+        );
+        eprintln!("{line}");
+        lines.push(line);
+        let plural = if ranks == 1 { "rank" } else { "ranks" };
+        report[format!("full_ft_tokens_per_s_{ranks}_{plural}")] = tps.into();
+        report[format!("full_ft_step_s_{ranks}_{plural}")] = step.into();
+        if ranks > 1 {
+            report[format!("scaling_efficiency_{ranks}_ranks_ratio")] = efficiency.into();
+            report[format!("full_ft_exchange_s_per_step_{ranks}_ranks")] = exchange.into();
+        }
+    }
+    eprintln!("full fine-tuning, data-parallel ({cores} cores, one thread per rank):");
+    for line in lines {
+        eprintln!("  {line}");
+    }
+    println!("{report}");
 }
 
 /// Peak resident set of a running process, from /proc (kB → MiB).
@@ -548,12 +665,16 @@ fn main() {
             return;
         }
         let summary = train(&opts, &device, &Control::default()).expect("training runs");
+        if !summary.primary {
+            return;
+        }
         let tokens_per_step = summary.tokens_seen as f64 / summary.steps.max(1) as f64;
         println!(
             "{}",
             serde_json::json!({
                 "tokens_per_s": summary.tokens_per_second,
                 "step_s": tokens_per_step / summary.tokens_per_second,
+                "collective_s_per_step": summary.collective_seconds / summary.steps.max(1) as f64,
             })
         );
         return;
@@ -561,11 +682,16 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     let spec = model_spec();
+    // Full fine-tuning writes its own (smaller) model; the data below serves all.
+    let full = args.method == "full";
     let started = Instant::now();
-    spec.write(&root.join("model")).expect("write model");
+    if !full {
+        spec.write(&root.join("model")).expect("write model");
+    }
     // Random lowercase text; the fixture tokenizer has one token per byte.
     let mut rng = Rng::new(5);
-    let examples = args.batch_size * args.steps as usize;
+    // Enough for 4 ranks' global batches with full fine-tuning.
+    let examples = args.batch_size * args.steps as usize * if full { 4 } else { 1 };
     let lines: Vec<serde_json::Value> = (0..examples)
         .map(|_| {
             let text: String = (0..args.seq_len - 2)
@@ -575,16 +701,19 @@ fn main() {
         })
         .collect();
     write_jsonl(&root.join("train.jsonl"), &lines).expect("write data");
-    eprintln!(
-        "model: {:.1}M parameters, written in {:.1}s",
-        spec.parameters() as f64 / 1e6,
-        started.elapsed().as_secs_f64()
-    );
+    if !full {
+        eprintln!(
+            "model: {:.1}M parameters, written in {:.1}s",
+            spec.parameters() as f64 / 1e6,
+            started.elapsed().as_secs_f64()
+        );
+    }
     match args.method.as_str() {
         "qlora" => return bench_qlora(root, &args, &spec),
         "dpo" => return bench_dpo(root, &args, &spec),
+        "full" => return bench_full(root, &args),
         "lora" => {}
-        other => panic!("--method {other}: expected lora, qlora or dpo"),
+        other => panic!("--method {other}: expected lora, qlora, dpo or full"),
     }
 
     let (report, rust_peak) = run_worker(root, &args, "lora", false);

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kubetune_crds::decimal::Decimal;
@@ -23,6 +24,7 @@ use crate::full::DEFAULT_MAX_SHARD_BYTES;
 use crate::gguf::{ImportSummary, import_gguf};
 use crate::lora::LoraSettings;
 use crate::model::{Llama, Pass, default_device};
+use crate::parallel::Gang;
 use crate::progress::{self, SharedProgress};
 use crate::tokenizer::TextTokenizer;
 use crate::train::{Control, MethodOptions, RunSummary, TrainOptions, evaluate, train};
@@ -81,7 +83,8 @@ pub enum MethodArg {
     Qlora,
     /// Direct Preference Optimization with a LoRA adapter (needs --format preference).
     Dpo,
-    /// Every weight trained; writes a Hugging Face checkpoint (one process).
+    /// Every weight trained; writes a Hugging Face checkpoint (data-parallel across
+    /// the ranks of KUBETUNE_WORLD_SIZE).
     Full,
 }
 
@@ -100,7 +103,8 @@ pub enum SchedulerArg {
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// The TrainerConfig file the operator mounts (JSON or YAML); the other flags
-    /// below are then not allowed, except --progress-addr and --recompute.
+    /// below are then not allowed, except --progress-addr, --recompute and the
+    /// timeouts.
     #[arg(long, conflicts_with_all = ["model", "data", "out"])]
     pub config: Option<PathBuf>,
     /// Hugging Face checkpoint directory.
@@ -200,7 +204,24 @@ pub struct TrainArgs {
     /// Where progress is served over HTTP.
     #[arg(long, env = kubetune_crds::training::contract::ENV_PROGRESS_ADDR, default_value = "0.0.0.0:8080")]
     pub progress_addr: String,
+    /// Data-parallel runs: seconds to wait for rank 0's rendezvous and for every rank
+    /// to join it (pods of a gang may start minutes apart).
+    #[arg(long, env = ENV_RENDEZVOUS_TIMEOUT, default_value_t = 600)]
+    pub rendezvous_timeout_seconds: u64,
+    /// Data-parallel runs: seconds one gradient exchange may wait for the other ranks.
+    /// A rank that dies is noticed at once; this bounds one that hangs, and must exceed
+    /// rank 0's checkpoint writes, which the others wait for.
+    #[arg(long, env = ENV_COLLECTIVE_TIMEOUT, default_value_t = 300)]
+    pub collective_timeout_seconds: u64,
+    /// Behave as if SIGTERM arrived right after this step (tests and drills).
+    #[arg(long, hide = true)]
+    pub interrupt_after_step: Option<u64>,
 }
+
+/// Overrides `--rendezvous-timeout-seconds`.
+pub const ENV_RENDEZVOUS_TIMEOUT: &str = "KUBETUNE_RENDEZVOUS_TIMEOUT_SECONDS";
+/// Overrides `--collective-timeout-seconds`.
+pub const ENV_COLLECTIVE_TIMEOUT: &str = "KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS";
 
 /// `eval`'s flags.
 #[derive(Debug, Args)]
@@ -411,19 +432,9 @@ pub fn options_from_config(config: &TrainerConfig, recompute: bool) -> Result<Tr
                 label_smoothing,
             })
         }
-        Method::Full => {
-            // Data-parallel training across pods is not implemented: N pods would each
-            // train the whole model on all the data and race to write one output.
-            let world = std::env::var(contract::ENV_WORLD_SIZE).unwrap_or_default();
-            if world.trim().parse::<u32>().is_ok_and(|n| n > 1) {
-                return Err(Error::invalid(format!(
-                    "method full runs in one process; data-parallel training across {world} ranks is not implemented (set resources.nodes to 1)"
-                )));
-            }
-            MethodOptions::Full {
-                max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
-            }
-        }
+        Method::Full => MethodOptions::Full {
+            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+        },
     };
     let hp = &config.hyperparameters;
     let lora = config.lora.clone().unwrap_or_default();
@@ -459,7 +470,53 @@ pub fn options_from_config(config: &TrainerConfig, recompute: bool) -> Result<Tr
         checkpoint_keep: config.checkpoint.keep as usize,
         recompute,
         interrupt_after_step: None,
+        gang: None,
     })
+}
+
+/// The gang the operator placed this pod in, from `KUBETUNE_WORLD_SIZE`,
+/// `KUBETUNE_RANK` and `KUBETUNE_RENDEZVOUS`; `None` for a world of one (or none set).
+pub fn gang_from_env(rendezvous_timeout: Duration, timeout: Duration) -> Result<Option<Gang>> {
+    let var = |name: &str| std::env::var(name).ok().map(|v| v.trim().to_owned());
+    let Some(world) = var(contract::ENV_WORLD_SIZE).filter(|w| !w.is_empty()) else {
+        return Ok(None);
+    };
+    let world_size: usize = world.parse().map_err(|_| {
+        Error::invalid(format!(
+            "{} {world:?} is not a number of ranks",
+            contract::ENV_WORLD_SIZE
+        ))
+    })?;
+    if world_size <= 1 {
+        return Ok(None);
+    }
+    let rank = var(contract::ENV_RANK).unwrap_or_default();
+    let rank: usize = rank
+        .parse()
+        .ok()
+        .filter(|r| *r < world_size)
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "{} {rank:?} is not a rank of a world of {world_size}",
+                contract::ENV_RANK
+            ))
+        })?;
+    let rendezvous = var(contract::ENV_RENDEZVOUS)
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| {
+            Error::invalid(format!(
+                "{} (rank 0's host:port) is needed with {} {world_size}",
+                contract::ENV_RENDEZVOUS,
+                contract::ENV_WORLD_SIZE
+            ))
+        })?;
+    Ok(Some(Gang {
+        rank,
+        world_size,
+        rendezvous,
+        rendezvous_timeout,
+        timeout,
+    }))
 }
 
 /// The line `eval` prints.
@@ -507,6 +564,11 @@ pub async fn run_train(args: TrainArgs) -> Result<RunSummary> {
         None => config_from_flags(&args)?,
     };
     let mut opts = options_from_config(&config, args.recompute)?;
+    opts.interrupt_after_step = args.interrupt_after_step;
+    opts.gang = gang_from_env(
+        Duration::from_secs(args.rendezvous_timeout_seconds),
+        Duration::from_secs(args.collective_timeout_seconds),
+    )?;
     if let (MethodOptions::Full { max_shard_bytes }, Some(bytes)) =
         (&mut opts.method, args.max_shard_bytes)
     {

@@ -62,6 +62,11 @@ pub enum Error {
         step: u64,
     },
 
+    /// The ranks of a data-parallel run could not meet, or a collective failed (a rank
+    /// died or stopped answering). Retryable: the whole gang starts again.
+    #[error("{0}")]
+    Collective(String),
+
     /// Serving progress over HTTP failed.
     #[error("failed to serve progress on {addr}: {source}")]
     Serve {
@@ -91,6 +96,7 @@ impl Error {
             Self::Safetensors { .. } => "Safetensors",
             Self::Tokenizer(_) => "Tokenizer",
             Self::Interrupted { .. } => "Interrupted",
+            Self::Collective(_) => "Collective",
             Self::Serve { .. } => "Serve",
         }
     }

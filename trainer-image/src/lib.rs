@@ -10,9 +10,14 @@
 //!   on the fly; the adapter written is a plain PEFT LoRA adapter.
 //! - `dpo`: Direct Preference Optimization of an adapter on preference data ([`dpo`]);
 //!   the reference is the base with the adapter disabled.
-//! - `full`: every weight trained in f32 in one process; writes a Hugging Face
-//!   checkpoint ([`full`]). Data-parallel training across ranks is not implemented:
-//!   with `KUBETUNE_WORLD_SIZE` above 1 it exits 2.
+//! - `full`: every weight trained in f32; writes a Hugging Face checkpoint ([`full`]).
+//!   Data-parallel across the ranks of a gang ([`parallel`]) when the operator sets
+//!   `KUBETUNE_WORLD_SIZE` above 1 (with `KUBETUNE_RANK` and `KUBETUNE_RENDEZVOUS`,
+//!   rank 0's `host:port`): each rank trains on its share of every global batch
+//!   (`batch_size` per rank), gradients are summed with Gloo (the `gloo` cargo feature,
+//!   crate `kubetune-collective`), every rank takes the same optimizer step, and rank 0
+//!   alone writes checkpoints, the model, `metrics.json` and the termination log. The
+//!   other methods run on one rank.
 //!
 //! # Pipeline
 //! [`config`] and [`model`] read the checkpoint (memory-mapped safetensors) into a
@@ -35,6 +40,10 @@
 //! - While training: `GET /progress` (JSON), `/metrics` (Prometheus), `/healthz` on
 //!   `--progress-addr` or `KUBETUNE_PROGRESS_ADDR` (default `0.0.0.0:8080`); logs are
 //!   JSON lines on stderr.
+//! - Data-parallel runs wait `KUBETUNE_RENDEZVOUS_TIMEOUT_SECONDS` (default 600) for
+//!   every rank to join, and `KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS` (default 300) at
+//!   most for the others in one gradient exchange; a rank that dies is noticed at once.
+//!   Either way the others exit 1 (retryable) with a message naming what failed.
 //!
 //! # Outputs
 //! `OUTPUT/adapter_config.json`, `OUTPUT/adapter_model.safetensors` and
@@ -49,6 +58,7 @@
 //!   LoRA rank that does not fit the model, a checkpoint directory written by a run
 //!   with different settings. The message is also written to the termination log.
 //! - `143`: stopped by SIGTERM (or Ctrl-C) after writing a checkpoint; retry resumes.
+//!   In a gang a SIGTERM on any rank stops every rank after the same step.
 //! - any other non-zero code (normally `1`): a retryable failure.
 //!
 //! The termination log is the file named by `KUBETUNE_TERMINATION_LOG` (default
@@ -101,6 +111,7 @@ pub mod model;
 pub mod nf4;
 pub mod ops;
 pub mod optim;
+pub mod parallel;
 pub mod progress;
 pub mod rng;
 pub mod serve;

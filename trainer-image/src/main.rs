@@ -66,6 +66,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             let summary = runtime.block_on(run_train(*args))?;
+            if !summary.primary {
+                // Rank 0 wrote the outputs and reports the result for the gang.
+                runtime.shutdown_background();
+                return Ok(());
+            }
             // The operator reads this from the pod's termination message.
             let result = serde_json::to_string(&TrainerResult {
                 adapter_sha256: summary.adapter.sha256,

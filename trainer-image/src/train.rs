@@ -10,6 +10,12 @@
 //! The loss of a step is the mean cross-entropy per target token over all its
 //! micro-batches (each micro-batch's summed loss is divided by the step's total target
 //! count, so gradients do not depend on how tokens fall into micro-batches).
+//!
+//! Full fine-tuning can run data-parallel across ranks ([`parallel`](crate::parallel)):
+//! a micro-batch of the stream is then `batch_size × world_size` sequences, each rank
+//! back-propagates its contiguous `batch_size` of them, and the ranks' gradients are
+//! summed before the (identical) optimizer step, which reproduces one process training
+//! with the global batch.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -36,6 +42,7 @@ use crate::full::save_full_model;
 use crate::lora::{DropoutKey, LoraSettings};
 use crate::model::{BaseFormat, Llama, Pass};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, learning_rate};
+use crate::parallel::{Gang, Ranks, weights_fingerprint};
 use crate::progress::{SharedProgress, update};
 use crate::rng::Rng;
 use crate::tokenizer::TextTokenizer;
@@ -123,6 +130,9 @@ pub struct TrainOptions {
     pub recompute: bool,
     /// Behave as if SIGTERM arrived right after this step (for tests and drills).
     pub interrupt_after_step: Option<u64>,
+    /// The data-parallel gang this process trains in (full fine-tuning only); `None`:
+    /// it trains alone. `batch_size` is then per rank.
+    pub gang: Option<Gang>,
 }
 
 /// What a finished run reports (also written as `metrics.json`).
@@ -157,6 +167,18 @@ pub struct RunSummary {
     /// `eval_`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, f64>,
+    /// Data-parallel runs: seconds of the last attempt this rank spent in the gradient
+    /// exchange, waiting for slower ranks included.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub collective_seconds: f64,
+    /// Whether this process wrote the outputs: rank 0 of a gang, or a lone process.
+    /// Other ranks write nothing, and their `adapter` is empty.
+    #[serde(skip)]
+    pub primary: bool,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// Summed loss and the target count of a dataset under `pass`.
@@ -167,9 +189,24 @@ pub fn evaluate(
     pad_id: u32,
     pass: Pass,
 ) -> Result<(f64, usize)> {
+    evaluate_shard(model, examples, batch_size, pad_id, pass, 0, 1)
+}
+
+/// [`evaluate`] on every `world_size`-th batch from batch `rank` on: the share of one
+/// rank of a gang, whose sums add up to the whole set's.
+pub fn evaluate_shard(
+    model: &Llama,
+    examples: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+    pass: Pass,
+    rank: usize,
+    world_size: usize,
+) -> Result<(f64, usize)> {
     let mut total = 0.0;
     let mut count = 0;
-    for chunk in examples.chunks(batch_size.max(1)) {
+    let chunks = examples.chunks(batch_size.max(1));
+    for chunk in chunks.skip(rank).step_by(world_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = make_batch(&refs, pad_id, model.device())?;
         let (_, t) = batch.ids.dims2()?;
@@ -183,21 +220,6 @@ pub fn evaluate(
         count += batch.target_count;
     }
     Ok((total, count))
-}
-
-/// Mean eval loss per target token, or `None` for an empty set.
-fn mean_eval(
-    model: &Llama,
-    examples: &[Example],
-    batch_size: usize,
-    pad_id: u32,
-    pass: Pass,
-) -> Result<Option<f64>> {
-    if examples.is_empty() {
-        return Ok(None);
-    }
-    let (sum, count) = evaluate(model, examples, batch_size, pad_id, pass)?;
-    Ok(Some(sum / count.max(1) as f64))
 }
 
 /// Forward and backward of one micro-batch; returns its summed loss and the gradient
@@ -393,6 +415,15 @@ impl Data {
         }
     }
 
+    /// What a step's loss over these items is averaged over: target tokens, or pairs
+    /// (counted from the data, so every rank knows the whole step's).
+    fn weight(&self, indices: &[usize]) -> usize {
+        match self {
+            Self::Sft { train, .. } => indices.iter().map(|&i| train[i].target_count()).sum(),
+            Self::Dpo { .. } => indices.len(),
+        }
+    }
+
     fn micro_batch(&self, indices: &[usize], pad: u32, device: &Device) -> Result<MicroBatch> {
         Ok(match self {
             Self::Sft { train, .. } => {
@@ -414,14 +445,6 @@ enum MicroBatch {
 }
 
 impl MicroBatch {
-    /// What the step's loss is averaged over: target tokens, or pairs.
-    fn weight(&self) -> usize {
-        match self {
-            Self::Sft(b) => b.target_count,
-            Self::Dpo(pb) => pb.pairs,
-        }
-    }
-
     /// Non-padding input tokens.
     fn tokens(&self) -> usize {
         match self {
@@ -443,17 +466,31 @@ pub struct Prepared {
 }
 
 /// The eval loss under `pass` (mean per target token, or DPO's mean per pair) and, for
-/// DPO, its figures; `None` for an empty eval set.
+/// DPO, its figures; `None` for an empty eval set. In a gang each rank scores a share of
+/// the batches and the sums are added up.
 fn eval_under(
     model: &Llama,
     data: &Data,
     opts: &TrainOptions,
     pad: u32,
     pass: Pass,
+    ranks: &mut Ranks,
 ) -> Result<(Option<f64>, Option<DpoStats>)> {
     match (data, opts.method) {
+        (Data::Sft { eval, .. }, _) if eval.is_empty() => Ok((None, None)),
         (Data::Sft { eval, .. }, _) => {
-            Ok((mean_eval(model, eval, opts.batch_size, pad, pass)?, None))
+            let (sum, count) = evaluate_shard(
+                model,
+                eval,
+                opts.batch_size,
+                pad,
+                pass,
+                ranks.rank(),
+                ranks.world_size(),
+            )?;
+            let mut figures = [sum, count as f64];
+            ranks.sum_figures(&mut figures)?;
+            Ok((Some(figures[0] / figures[1].max(1.0)), None))
         }
         (Data::Dpo { eval, .. }, _) if eval.is_empty() => Ok((None, None)),
         (Data::Dpo { eval, .. }, MethodOptions::Dpo(settings)) => {
@@ -543,7 +580,9 @@ pub fn prepare(opts: &TrainOptions, device: &Device) -> Result<Prepared> {
     })
 }
 
-fn fingerprint(opts: &TrainOptions, train: usize, total_steps: u64) -> String {
+/// What a checkpoint must match to be resumed. `batch` is the global micro-batch (per
+/// rank × ranks): the data stream depends on it, not on how it is split.
+fn fingerprint(opts: &TrainOptions, train: usize, total_steps: u64, batch: usize) -> String {
     let targets: Vec<&str> = opts.lora.targets.iter().map(|t| t.as_str()).collect();
     // LoRA keeps the fingerprint it had before other methods existed, so checkpoints of
     // running jobs stay resumable.
@@ -554,11 +593,10 @@ fn fingerprint(opts: &TrainOptions, train: usize, total_steps: u64) -> String {
         other => format!("method={other:?} "),
     };
     format!(
-        "{method}rank={} targets={} seed={} batch={} accum={} examples={train} steps={total_steps}",
+        "{method}rank={} targets={} seed={} batch={batch} accum={} examples={train} steps={total_steps}",
         opts.lora.rank,
         targets.join(","),
         opts.seed,
-        opts.batch_size,
         opts.grad_accum
     )
 }
@@ -566,15 +604,27 @@ fn fingerprint(opts: &TrainOptions, train: usize, total_steps: u64) -> String {
 /// Runs (or resumes) training and writes the adapter and `metrics.json`.
 pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<RunSummary> {
     let started = Instant::now();
+    if let Some(gang) = opts.gang.as_ref().filter(|g| g.world_size > 1)
+        && !matches!(opts.method, MethodOptions::Full { .. })
+    {
+        return Err(Error::invalid(format!(
+            "only method full trains data-parallel across ranks; {:?} runs on one, not {}",
+            opts.method, gang.world_size
+        )));
+    }
     update(&control.progress, |p| p.phase = "loading".into());
     let Prepared {
         model,
         tokenizer,
         data,
     } = prepare(opts, device)?;
+    // After loading, so that a rank with bad input fails on its own first, and the
+    // rendezvous timeout absorbs the ranks' differing load times.
+    let mut ranks = Ranks::join(opts.gang.as_ref())?;
     let pad = tokenizer.pad_id;
     let n_train = data.train_len();
-    let batches_per_epoch = n_train.div_ceil(opts.batch_size) as u64;
+    let global_batch = opts.batch_size * ranks.world_size();
+    let batches_per_epoch = n_train.div_ceil(global_batch) as u64;
     let accum = opts.grad_accum as u64;
     let (total_steps, total_micro) = match opts.max_steps {
         Some(steps) => (steps, steps * accum),
@@ -583,7 +633,7 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
             (micro.div_ceil(accum), micro)
         }
     };
-    let print = fingerprint(opts, n_train, total_steps);
+    let print = fingerprint(opts, n_train, total_steps, global_batch);
     let params_named = model.trainable_params();
     let params: Vec<&Var> = params_named.iter().map(|(_, v)| *v).collect();
     let mut optimizer = AdamW::new(
@@ -596,6 +646,13 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
     std::fs::create_dir_all(&opts.checkpoint_dir)
         .map_err(Error::io("create", &opts.checkpoint_dir))?;
     let resumed = resume_latest(&opts.checkpoint_dir, &model, &mut optimizer, &print, device)?;
+    // Every rank reads rank 0's checkpoints from the shared checkpoint directory; they
+    // must agree on where they are, and start from rank 0's weights.
+    ranks.check_same(
+        "the step to resume from (the checkpoint directory must be shared by all ranks)",
+        resumed.as_ref().map_or(0, |s| s.step) as f64,
+    )?;
+    ranks.broadcast_params(&params)?;
     let mut state = match resumed {
         Some(state) => {
             tracing::info!(step = state.step, "resumed from checkpoint");
@@ -603,7 +660,7 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         }
         None => {
             update(&control.progress, |p| p.phase = "evaluating".into());
-            let (base_eval_loss, _) = eval_under(&model, &data, opts, pad, Pass::BASE)?;
+            let (base_eval_loss, _) = eval_under(&model, &data, opts, pad, Pass::BASE, &mut ranks)?;
             tracing::info!(base_eval_loss, "evaluated the base model");
             TrainerState {
                 step: 0,
@@ -629,10 +686,13 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
     let mut attempt_tokens = 0u64;
     let mut order_cache: Option<(u64, Vec<usize>)> = None;
     let mut last_metrics = BTreeMap::new();
+    let mut collective_seconds = 0.0;
     while state.step < total_steps {
-        // This step's micro-batches.
+        // This step's micro-batches: this rank's share of each, and the weight of the
+        // whole step (every rank's share).
         let mut batches = Vec::with_capacity(opts.grad_accum);
         let mut micro_indices = Vec::with_capacity(opts.grad_accum);
+        let mut weight = 0;
         for _ in 0..accum {
             let m = state.micro_batch + micro_indices.len() as u64;
             if m >= total_micro {
@@ -644,24 +704,29 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
                 order_cache = Some((epoch, epoch_order(n_train, opts.seed, epoch)));
             }
             let order = &order_cache.as_ref().expect("order was just cached").1;
-            let end = ((index + 1) * opts.batch_size).min(n_train);
-            batches.push(data.micro_batch(&order[index * opts.batch_size..end], pad, device)?);
+            let end = ((index + 1) * global_batch).min(n_train);
+            let global = &order[index * global_batch..end];
+            weight += data.weight(global);
+            let mine = ranks.shard(global, opts.batch_size);
+            if !mine.is_empty() {
+                batches.push((m, data.micro_batch(mine, pad, device)?));
+            }
             micro_indices.push(m);
         }
-        let weight: usize = batches.iter().map(MicroBatch::weight).sum();
         let scale = 1.0 / weight.max(1) as f64;
+        let mut step_tokens = 0u64;
         let mut loss_sum = 0.0;
         let mut grads: Option<Vec<Tensor>> = None;
         let mut dpo_stats = DpoStats::default();
         // Dropout masks of this step derive from the run's generator, which the
         // checkpoint stores, and from the micro-batch's position in the stream.
         let dropout_seed = state.rng.next_u64();
-        for (batch, &m) in batches.iter().zip(&micro_indices) {
+        for (m, batch) in &batches {
             let pass = Pass {
                 adapters: true,
                 dropout: Some(DropoutKey {
                     seed: dropout_seed,
-                    micro_batch: m,
+                    micro_batch: *m,
                 }),
             };
             let (loss, g) = match (batch, opts.method) {
@@ -694,10 +759,32 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
                     .map(|(a, b)| Ok((a + b)?))
                     .collect::<Result<Vec<_>>>()?,
             });
-            attempt_tokens += batch.tokens() as u64;
-            state.tokens_seen += batch.tokens() as u64;
+            step_tokens += batch.tokens() as u64;
         }
-        let mut grads = grads.expect("a step has at least one micro-batch");
+        // A rank whose shares were all empty (the end of an epoch) adds zeros.
+        let mut grads = match grads {
+            Some(grads) => grads,
+            None => params
+                .iter()
+                .map(|p| p.as_tensor().zeros_like())
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        };
+        // A stop (SIGTERM) on any rank stops all of them after this same step.
+        let stop_requested = control.stop.load(Ordering::SeqCst)
+            || opts.interrupt_after_step == Some(state.step + 1);
+        let mut figures = [
+            loss_sum,
+            step_tokens as f64,
+            f64::from(u8::from(stop_requested)),
+        ];
+        let exchange = Instant::now();
+        ranks.sum(&mut grads, &mut figures)?;
+        if ranks.world_size() > 1 {
+            collective_seconds += exchange.elapsed().as_secs_f64();
+        }
+        let [loss_sum, step_tokens, stops] = figures;
+        attempt_tokens += step_tokens as u64;
+        state.tokens_seen += step_tokens as u64;
         let grad_norm = clip_grad_norm(&mut grads, opts.max_grad_norm)?;
         let lr = learning_rate(
             opts.learning_rate,
@@ -744,9 +831,8 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
 
         last_metrics = step_metrics;
 
-        let stop =
-            control.stop.load(Ordering::SeqCst) || opts.interrupt_after_step == Some(state.step);
-        if state.step % opts.checkpoint_every.max(1) == 0 || stop {
+        let stop = stops > 0.0;
+        if ranks.is_primary() && (state.step % opts.checkpoint_every.max(1) == 0 || stop) {
             let path = save_checkpoint(
                 &opts.checkpoint_dir,
                 opts.checkpoint_keep.max(1),
@@ -762,7 +848,12 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
     }
 
     update(&control.progress, |p| p.phase = "evaluating".into());
-    let (eval_loss, eval_dpo) = eval_under(&model, &data, opts, pad, Pass::EVAL)?;
+    let (eval_loss, eval_dpo) = eval_under(&model, &data, opts, pad, Pass::EVAL, &mut ranks)?;
+    // Identical summed gradients and identical steps keep the ranks' weights
+    // identical; confirm it before rank 0 writes them as the result of all.
+    if ranks.world_size() > 1 {
+        ranks.check_same("the trained weights", weights_fingerprint(&params)?)?;
+    }
     let mut metrics = last_metrics;
     if let Some(stats) = eval_dpo {
         for (key, value) in stats.metrics() {
@@ -780,6 +871,10 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         p.metrics = metrics.clone();
     });
     let adapter = match opts.method {
+        _ if !ranks.is_primary() => Artifact {
+            sha256: String::new(),
+            size_bytes: 0,
+        },
         MethodOptions::Full { max_shard_bytes } => {
             save_full_model(&model, &opts.model_dir, &opts.output_dir, max_shard_bytes)?
         }
@@ -799,9 +894,13 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         resumed_from_step,
         adapter,
         metrics,
+        collective_seconds,
+        primary: ranks.is_primary(),
     };
-    let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
-    write_atomic(&opts.output_dir.join("metrics.json"), &json)?;
+    if summary.primary {
+        let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
+        write_atomic(&opts.output_dir.join("metrics.json"), &json)?;
+    }
     update(&control.progress, |p| p.phase = "done".into());
     Ok(summary)
 }

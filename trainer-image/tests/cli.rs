@@ -319,7 +319,7 @@ fn a_bad_preference_line_in_a_dpo_run_exits_2_naming_the_file_and_line() {
 }
 
 #[test]
-fn full_fine_tuning_runs_in_one_process_and_refuses_a_multi_rank_gang_with_exit_2() {
+fn full_fine_tuning_runs_alone_and_a_gang_missing_its_rank_or_of_another_method_exits_2() {
     let dir = setup();
     let (model, data, out) = (
         path(dir.path(), "model"),
@@ -340,16 +340,32 @@ fn full_fine_tuning_runs_in_one_process_and_refuses_a_multi_rank_gang_with_exit_
         serde_json::from_str(&termination_log(dir.path())).expect("result JSON");
     assert_eq!(result["steps"], 2);
 
-    let output = Command::new(env!("CARGO_BIN_EXE_kubetune-trainer"))
-        .args(&args)
-        .env(
-            "KUBETUNE_TERMINATION_LOG",
-            dir.path().join("termination-log"),
-        )
-        .env("KUBETUNE_PROGRESS_ADDR", "127.0.0.1:0")
-        .env("KUBETUNE_WORLD_SIZE", "2")
-        .output()
-        .expect("runs");
+    // The gang's environment comes from the operator; a broken one is invalid input.
+    let in_gang = |args: &[&str], rank: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_kubetune-trainer"));
+        command
+            .args(args)
+            .env(
+                "KUBETUNE_TERMINATION_LOG",
+                dir.path().join("termination-log"),
+            )
+            .env("KUBETUNE_PROGRESS_ADDR", "127.0.0.1:0")
+            .env("KUBETUNE_WORLD_SIZE", "2")
+            .env("KUBETUNE_RENDEZVOUS", "127.0.0.1:1");
+        match rank {
+            Some(rank) => command.env("KUBETUNE_RANK", rank),
+            None => command.env_remove("KUBETUNE_RANK"),
+        };
+        command.output().expect("runs")
+    };
+    let output = in_gang(&args, None);
     assert_eq!(output.status.code(), Some(2));
-    assert!(termination_log(dir.path()).contains("not implemented"));
+    assert!(termination_log(dir.path()).contains("KUBETUNE_RANK"));
+    let output = in_gang(&args, Some("2"));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(termination_log(dir.path()).contains("is not a rank of a world of 2"));
+    let lora = train_args(&model, &data, &out);
+    let output = in_gang(&lora, Some("0"));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(termination_log(dir.path()).contains("only method full trains data-parallel"));
 }

@@ -52,6 +52,7 @@ fn options(root: &Path, out: &str, max_shard_bytes: u64) -> TrainOptions {
         checkpoint_keep: 2,
         recompute: false,
         interrupt_after_step: None,
+        gang: None,
     }
 }
 

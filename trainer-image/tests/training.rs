@@ -50,6 +50,7 @@ fn options(root: &Path, out: &str) -> TrainOptions {
         checkpoint_keep: 2,
         recompute: false,
         interrupt_after_step: None,
+        gang: None,
     }
 }
 

@@ -6,7 +6,8 @@
 //! - `cluster up | down | status | env` runs a real Kubernetes control plane with
 //!   simulated GPU nodes on loopback (see `cluster/mod.rs`).
 //! - `bench trainer` measures LoRA training against PyTorch + PEFT (and QLoRA's
-//!   memory, DPO's step time with `--method`); `bench operator`
+//!   memory, DPO's step time, full fine-tuning's data-parallel scaling with
+//!   `--method`); `bench operator`
 //!   measures the operator under 1,000 jobs (`bench.rs`).
 //! - `images` builds the operator and trainer images as OCI archives (`images.rs`).
 //! - `demo` runs kubetune's main job on a local cluster.
@@ -35,7 +36,9 @@ commands:
                    LoRA training tokens/s and peak RSS against PyTorch + PEFT on the
                    same machine (ARGS go to the benchmark: --steps, --recompute,
                    --no-pytorch, --venv DIR, ...); --method qlora: NF4 base-weight
-                   memory and step time against LoRA; --method dpo: DPO step time
+                   memory and step time against LoRA; --method dpo: DPO step time;
+                   --method full: data-parallel full fine-tuning tokens/s and
+                   scaling efficiency on 1, 2 and 4 CPU ranks (Gloo)
   bench operator [--jobs N] [--steady-seconds S]
                    1,000 LoRA FineTuneJobs at once on the local cluster: time until
                    every Job exists and every pod is bound, the operator's peak RSS,
@@ -66,20 +69,16 @@ fn run(args: &[String]) -> Result<()> {
         ["test"] => test(),
         ["cluster", rest @ ..] => cluster::run(&root(), rest),
         ["images", rest @ ..] => images::run(&root(), rest),
-        ["bench", "trainer", rest @ ..] => step(
-            "the trainer benchmark",
-            cargo()
-                .args([
-                    "run",
-                    "--release",
-                    "-p",
-                    "kubetune-trainer",
-                    "--example",
-                    "bench",
-                    "--",
-                ])
-                .args(rest),
-        ),
+        ["bench", "trainer", rest @ ..] => {
+            let mut command = cargo();
+            command.args(["run", "--release", "-p", "kubetune-trainer"]);
+            // Full fine-tuning's scaling runs gangs of ranks: it needs Gloo.
+            if rest.windows(2).any(|w| w == ["--method", "full"]) {
+                command.args(["--features", "gloo"]);
+            }
+            command.args(["--example", "bench", "--"]).args(rest);
+            step("the trainer benchmark", &mut command)
+        }
         ["bench", "operator", rest @ ..] => bench::operator(&root(), rest),
         ["bench", "rollout", rest @ ..] => step(
             "the rollout benchmark",
@@ -133,6 +132,10 @@ fn step(what: &str, command: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// The trainer's data-parallel training and its tests need Gloo (Debian's libgloo-dev,
+/// which `.ci/run` installs); the static images are built without it.
+const GLOO: &str = "kubetune-trainer/gloo";
+
 fn test() -> Result<()> {
     step(
         "cargo fmt --check",
@@ -144,6 +147,8 @@ fn test() -> Result<()> {
             "clippy",
             "--workspace",
             "--all-targets",
+            "--features",
+            GLOO,
             "--",
             "-D",
             "warnings",
@@ -156,7 +161,7 @@ fn test() -> Result<()> {
     let tested = step(
         "cargo test",
         cargo()
-            .args(["test", "--workspace"])
+            .args(["test", "--workspace", "--features", GLOO])
             .env("KUBETUNE_REQUIRE_CLUSTER", "1"),
     );
     println!("==> cargo xtask cluster down");

@@ -1,0 +1,412 @@
+//! Data-parallel full fine-tuning with real processes of the `kubetune-trainer` binary
+//! on loopback, placed in a gang through the operator's environment variables: 2 and 4
+//! ranks reach the weights one process reaches with the same global batch, a stop on
+//! one rank stops all after the same step and the gang resumes from rank 0's
+//! checkpoint, and a rank that dies or never comes makes the others exit non-zero
+//! within seconds.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use kubetune_trainer::test_support::{TinyLlama, max_abs_diff, memorisable_chats, write_jsonl};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A run: per-rank batch, accumulation, steps.
+#[derive(Clone, Copy)]
+struct Run {
+    batch: usize,
+    accum: usize,
+    steps: usize,
+}
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    TinyLlama::default()
+        .write(&dir.path().join("model"))
+        .expect("model");
+    // 14 examples: with 4 ranks of 2 the second global batch of each epoch has 6, so
+    // rank 3 has nothing to do in it and must still take part.
+    write_jsonl(&dir.path().join("train.jsonl"), &memorisable_chats(14)).expect("data");
+    dir
+}
+
+fn command(dir: &Path, out: &str, run: Run, extra: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kubetune-trainer"));
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    command
+        .args([
+            "train",
+            "--method",
+            "full",
+            "--lr",
+            "2e-3",
+            "--warmup-steps",
+            "1",
+        ])
+        .args(["--model", &p("model"), "--data", &p("train.jsonl")])
+        .args(["--eval-data", &p("train.jsonl"), "--out", &p(out)])
+        .args(["--max-seq-length", "64", "--weight-decay", "0.01"])
+        .args(["--batch-size", &run.batch.to_string()])
+        .args(["--grad-accum", &run.accum.to_string()])
+        .args(["--max-steps", &run.steps.to_string()])
+        .args(extra)
+        .env("KUBETUNE_PROGRESS_ADDR", "127.0.0.1:0")
+        .env("KUBETUNE_RENDEZVOUS_TIMEOUT_SECONDS", "60")
+        .env("KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS", "60")
+        .env_remove("KUBETUNE_WORLD_SIZE")
+        .env_remove("KUBETUNE_RANK")
+        .env_remove("KUBETUNE_RENDEZVOUS");
+    command
+}
+
+/// Starts `world` ranks writing to `out`, each with its own termination log.
+fn start_gang(dir: &Path, out: &str, run: Run, world: usize, extra: &[&str]) -> Vec<Child> {
+    let port = free_port();
+    (0..world)
+        .map(|rank| {
+            command(dir, out, run, extra)
+                .env("KUBETUNE_WORLD_SIZE", world.to_string())
+                .env("KUBETUNE_RANK", rank.to_string())
+                .env("KUBETUNE_RENDEZVOUS", format!("127.0.0.1:{port}"))
+                .env(
+                    "KUBETUNE_TERMINATION_LOG",
+                    dir.join(format!("{out}-termination-{rank}")),
+                )
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("the trainer starts")
+        })
+        .collect()
+}
+
+fn finish(children: Vec<Child>) -> Vec<Output> {
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().expect("the trainer ends"))
+        .collect()
+}
+
+fn assert_success(outputs: &[Output]) {
+    for (rank, output) in outputs.iter().enumerate() {
+        assert!(
+            output.status.success(),
+            "rank {rank}: {}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+fn single(dir: &Path, out: &str, run: Run) {
+    let output = command(dir, out, run, &[])
+        .env(
+            "KUBETUNE_TERMINATION_LOG",
+            dir.join(format!("{out}-termination")),
+        )
+        .output()
+        .expect("the trainer runs");
+    assert_success(&[output]);
+}
+
+fn weights(dir: &Path, out: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join(out).join("model.safetensors"), &Device::Cpu)
+        .expect("the written weights")
+}
+
+fn metrics(dir: &Path, out: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join(out).join("metrics.json")).expect("metrics"))
+        .expect("json")
+}
+
+/// The largest absolute difference between two runs' weights, also checking that
+/// training moved them.
+fn max_weight_diff(dir: &Path, a: &str, b: &str) -> f32 {
+    let (wa, wb) = (weights(dir, a), weights(dir, b));
+    let original = TinyLlama::default().weights().expect("original weights");
+    assert_eq!(wa.len(), wb.len());
+    let mut diff = 0f32;
+    let mut moved = 0f32;
+    for (name, t) in &original {
+        diff = diff.max(max_abs_diff(&wa[name], &wb[name]));
+        moved = moved.max(max_abs_diff(&wa[name], t));
+    }
+    assert!(moved > 1e-3, "training did not move the weights ({moved})");
+    diff
+}
+
+fn assert_same_run(dir: &Path, single: &str, gang: &str, world: usize) {
+    let diff = max_weight_diff(dir, single, gang);
+    println!("{world} ranks vs one process: max |Δweight| = {diff:e}");
+    assert!(
+        diff < 1e-5,
+        "{world} ranks ended {diff} away from one process"
+    );
+    let (one, many) = (metrics(dir, single), metrics(dir, gang));
+    for key in ["lossHistory", "evalLoss", "baseEvalLoss"] {
+        let flat = |v: &serde_json::Value| -> Vec<f64> {
+            match v {
+                serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_f64()).collect(),
+                other => other.as_f64().into_iter().collect(),
+            }
+        };
+        let (a, b) = (flat(&one[key]), flat(&many[key]));
+        assert!(!a.is_empty() && a.len() == b.len(), "{key}: {a:?} vs {b:?}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "{key}: {a:?} vs {b:?}");
+        }
+    }
+    assert_eq!(
+        one["tokensSeen"], many["tokensSeen"],
+        "every rank's tokens counted"
+    );
+}
+
+#[test]
+fn two_and_four_ranks_reach_the_weights_of_one_process_with_the_same_global_batch() {
+    let dir = setup();
+    let d = dir.path();
+
+    // 2 ranks × 3 sequences × 2 micro-batches per step against one process with 6 × 2.
+    single(
+        d,
+        "one-6x2",
+        Run {
+            batch: 6,
+            accum: 2,
+            steps: 4,
+        },
+    );
+    let outputs = finish(start_gang(
+        d,
+        "two",
+        Run {
+            batch: 3,
+            accum: 2,
+            steps: 4,
+        },
+        2,
+        &[],
+    ));
+    assert_success(&outputs);
+    assert_same_run(d, "one-6x2", "two", 2);
+    // Rank 0 alone reports; the others write no result.
+    let result: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("two-termination-0")).expect("rank 0's result"),
+    )
+    .expect("result JSON");
+    assert_eq!(result["steps"], 4);
+    assert!(!d.join("two-termination-1").exists());
+
+    // 4 ranks × 2 against one process with 8: the global batches of 14 examples are 8
+    // and 6, so rank 3 sits out every second micro-batch.
+    single(
+        d,
+        "one-8",
+        Run {
+            batch: 8,
+            accum: 1,
+            steps: 5,
+        },
+    );
+    let outputs = finish(start_gang(
+        d,
+        "four",
+        Run {
+            batch: 2,
+            accum: 1,
+            steps: 5,
+        },
+        4,
+        &[],
+    ));
+    assert_success(&outputs);
+    assert_same_run(d, "one-8", "four", 4);
+}
+
+#[test]
+fn a_stop_on_one_rank_stops_the_gang_after_the_same_step_and_the_gang_resumes_from_it() {
+    let dir = setup();
+    let d = dir.path();
+    let run = Run {
+        batch: 2,
+        accum: 1,
+        steps: 8,
+    };
+    let checkpoints = ["--checkpoint-every", "2", "--checkpoint-keep", "2"];
+    single(d, "one", Run { batch: 4, ..run });
+
+    // Rank 1 alone behaves as if its pod got SIGTERM after step 3 (the signal's path to
+    // that flag is tested in cli.rs); rank 0 must stop after the same step.
+    let port = free_port();
+    let ranks: Vec<Child> = (0..2)
+        .map(|rank| {
+            let mut extra = checkpoints.to_vec();
+            if rank == 1 {
+                extra.extend(["--interrupt-after-step", "3"]);
+            }
+            command(d, "gang", run, &extra)
+                .env("KUBETUNE_WORLD_SIZE", "2")
+                .env("KUBETUNE_RANK", rank.to_string())
+                .env("KUBETUNE_RENDEZVOUS", format!("127.0.0.1:{port}"))
+                .env("KUBETUNE_TERMINATION_LOG", d.join(format!("stop-{rank}")))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("the trainer starts")
+        })
+        .collect();
+    for (rank, output) in finish(ranks).iter().enumerate() {
+        assert_eq!(
+            output.status.code(),
+            Some(143),
+            "rank {rank}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert!(
+        d.join("gang/checkpoints/checkpoint-00000003").is_dir(),
+        "rank 0 checkpointed the step the gang stopped after"
+    );
+
+    let outputs = finish(start_gang(d, "gang", run, 2, &checkpoints));
+    assert_success(&outputs);
+    assert_eq!(metrics(d, "gang")["resumedFromStep"], 3);
+    assert_same_run(d, "one", "gang", 2);
+}
+
+fn exit_within(
+    mut children: Vec<(usize, Child)>,
+    limit: Duration,
+) -> Vec<(usize, Output, Duration)> {
+    let started = Instant::now();
+    let mut done = Vec::new();
+    while !children.is_empty() {
+        let mut i = 0;
+        while i < children.len() {
+            if children[i].1.try_wait().expect("wait").is_some() {
+                let (rank, child) = children.remove(i);
+                done.push((
+                    rank,
+                    child.wait_with_output().expect("output"),
+                    started.elapsed(),
+                ));
+            } else {
+                i += 1;
+            }
+        }
+        if started.elapsed() > limit {
+            for (_, child) in &mut children {
+                let _ = child.kill();
+            }
+            panic!("ranks still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    done
+}
+
+#[test]
+fn a_rank_that_dies_mid_run_makes_the_others_exit_non_zero_within_seconds() {
+    let dir = setup();
+    let d = dir.path();
+    // Long enough that the gang is still training when rank 1 dies.
+    let run = Run {
+        batch: 2,
+        accum: 1,
+        steps: 100_000,
+    };
+    let mut children = start_gang(d, "out", run, 3, &["--checkpoint-every", "1"]);
+    let first = d
+        .join("out")
+        .join("checkpoints")
+        .join("checkpoint-00000001");
+    let started = Instant::now();
+    while !first.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    children[1].kill().expect("SIGKILL rank 1");
+    let _ = children[1].wait();
+    let died = Instant::now();
+    let rest: Vec<(usize, Child)> = children
+        .into_iter()
+        .enumerate()
+        .filter(|(rank, _)| *rank != 1)
+        .collect();
+    // The collective timeout is 60 s: these must notice the death itself, not time out.
+    for (rank, output, after) in exit_within(rest, Duration::from_secs(30)) {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        println!(
+            "rank {rank} exited {} {:.2}s after rank 1 died",
+            output.status,
+            after.as_secs_f64()
+        );
+        assert_eq!(output.status.code(), Some(1), "rank {rank}: {stderr}");
+        assert!(stderr.contains("across 3 ranks"), "rank {rank}: {stderr}");
+    }
+    println!(
+        "all ranks gone {:.2}s after the death",
+        died.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn a_rank_that_never_comes_makes_the_others_exit_non_zero_after_the_rendezvous_timeout() {
+    let dir = setup();
+    let d = dir.path();
+    let port = free_port();
+    let children: Vec<(usize, Child)> = (0..2)
+        .map(|rank| {
+            let child = command(
+                d,
+                "out",
+                Run {
+                    batch: 2,
+                    accum: 1,
+                    steps: 3,
+                },
+                &[],
+            )
+            .env("KUBETUNE_WORLD_SIZE", "3")
+            .env("KUBETUNE_RANK", rank.to_string())
+            .env("KUBETUNE_RENDEZVOUS", format!("127.0.0.1:{port}"))
+            .env("KUBETUNE_RENDEZVOUS_TIMEOUT_SECONDS", "3")
+            .env(
+                "KUBETUNE_TERMINATION_LOG",
+                d.join(format!("termination-{rank}")),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starts");
+            (rank, child)
+        })
+        .collect();
+    for (rank, output, after) in exit_within(children, Duration::from_secs(30)) {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        println!(
+            "rank {rank} exited {} after {:.2}s",
+            output.status,
+            after.as_secs_f64()
+        );
+        assert_eq!(output.status.code(), Some(1), "rank {rank}: {stderr}");
+        assert!(
+            stderr.contains("rank 2 did not join"),
+            "rank {rank}: {stderr}"
+        );
+    }
+}
