@@ -7,7 +7,9 @@
 //! `KUBETUNE_REQUIRE_CLUSTER=1`, which turns a missing cluster into a failure.
 //! `test_support` is what they share: finding the cluster, namespaces, pod
 //! builders and waits; `serving` the tiny model, adapters and real adapter servers
-//! of the AdapterDeployment tests and the rollout benchmark.
+//! of the AdapterDeployment tests and the rollout benchmark; `flow` kubetune's whole
+//! job on the real node, for the end-to-end test and `cargo xtask demo`.
 
+pub mod flow;
 pub mod serving;
 pub mod test_support;

@@ -63,9 +63,10 @@ kubetune/operator:VERSION and kubetune/trainer:VERSION as OCI archives in
 ${KUBETUNE_CACHE:-~/.cache/kubetune}/images/. Needs buildah (Debian: apt-get install buildah).
 Cargo's target directory is CARGO_TARGET_DIR when set.
 
-  --dev  images of the debug binaries instead (tag VERSION-dev), with the shared
-         libraries they load: what `cargo xtask test` runs on the real node, built
-         from the test build's artifacts instead of a second, release build";
+  --dev  images of the debug binaries instead (tag VERSION-dev; the trainer with
+         Gloo), with the shared libraries they load: what `cargo xtask test` runs on
+         the real node, built from the test build's artifacts instead of a second,
+         release build";
 
 /// `cargo xtask images [help]`.
 pub fn run(root: &Path, args: &[&str]) -> Result<()> {
@@ -136,8 +137,10 @@ pub(crate) fn build_dev(root: &Path) -> Result<Vec<PathBuf>> {
     let cache = cache_dir()?;
     let out = cache.join("images");
     std::fs::create_dir_all(&out).with_context(|| format!("failed to create {}", out.display()))?;
+    // The test build's features, so the binaries reuse its artifacts; the trainer's
+    // Gloo (data-parallel full fine-tuning) comes with it, and ldd brings libgloo.
     let mut cargo = crate::cargo();
-    cargo.args(["build", "--bins"]);
+    cargo.args(["build", "--bins", "--features", crate::GLOO]);
     for image in &IMAGES {
         cargo.args(["-p", image.package]);
     }
@@ -266,6 +269,15 @@ impl Image {
         ]);
         config
     }
+}
+
+/// A static release binary `build` made.
+pub(crate) fn release_binary(root: &Path, name: &str) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), PathBuf::from)
+        .join(TARGET)
+        .join("release")
+        .join(name)
 }
 
 pub(crate) fn cache_dir() -> Result<PathBuf> {

