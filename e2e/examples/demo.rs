@@ -82,13 +82,17 @@ async fn main() -> Result<()> {
         model: args.model,
         train: QUESTIONS.iter().map(|q| chat(q)).collect(),
         eval: EVAL_QUESTIONS.iter().map(|q| chat(q)).collect(),
+        // Measured on SmolLM2-135M on 2 cores: 3 epochs of batch 1 at 1e-3 teach the
+        // fact in about 3 minutes (loss 3.3 -> ~0.1), reworded questions included.
         hyperparameters: json!({
-            "epochs": args.epochs, "learningRate": "2e-3", "batchSize": 4,
-            "maxSeqLength": 96, "warmupSteps": 2,
+            "epochs": args.epochs, "learningRate": "1e-3", "batchSize": 1,
+            "maxSeqLength": 128, "warmupSteps": 5,
         }),
-        lora: json!({ "rank": 16, "alpha": 32,
-            "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"] }),
-        cpu: "2".into(),
+        lora: json!({ "rank": 8, "alpha": 16, "dropout": "0",
+            "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                              "gate_proj", "up_proj", "down_proj"] }),
+        // What the 2-core VM has left beside the operator.
+        cpu: "1500m".into(),
         memory: "4Gi".into(),
         prompt: PROMPT.into(),
         max_tokens: 40,
@@ -100,6 +104,7 @@ async fn main() -> Result<()> {
         options.train.len(),
         options.namespace
     );
+    flow::reset(&cluster, &options.namespace).await?;
     let outcome = flow::run(&cluster, &options, draw_progress).await?;
     eprintln!();
 

