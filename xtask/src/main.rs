@@ -177,7 +177,10 @@ fn test() -> Result<()> {
                 );
             })
     } else {
-        println!("    no real node (not root): the end-to-end test on it will skip");
+        println!(
+            "    no real node (not root, KUBETUNE_REAL_NODE=0, or it failed to start: see \
+             above): the end-to-end test on it will skip"
+        );
         Ok(())
     };
     let tested = imported.and_then(|()| step("cargo test", &mut test));
