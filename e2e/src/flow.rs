@@ -9,6 +9,7 @@
 //! `cargo xtask test` builds. Both need the real node `cargo xtask cluster up` adds
 //! as root, and the images imported into its containerd.
 
+use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -19,6 +20,8 @@ use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVo
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kubetune_crds::adapterdeployment::{AdapterDeployment, AdapterDeploymentPhase};
 use kubetune_crds::finetunejob::{FineTuneJob, Phase};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::test_support::{Cluster, wait_for, workspace_root};
@@ -77,6 +80,32 @@ pub struct Outcome {
     pub adapter_answer: String,
     /// The name the adapter is served under (name plus digest).
     pub adapter_model: String,
+}
+
+/// Server-side apply of `object` under the flow's field manager.
+async fn apply<K>(api: &Api<K>, name: &str, object: &K) -> kube::Result<K>
+where
+    K: kube::Resource + Clone + Debug + DeserializeOwned + Serialize,
+{
+    api.patch(
+        name,
+        &PatchParams::apply("kubetune-e2e").force(),
+        &Patch::Apply(object),
+    )
+    .await
+}
+
+/// helm from the cluster's build (next to its kubectl), else `helm` on PATH, with the
+/// cluster's kubeconfig.
+fn helm(cluster: &Cluster) -> Command {
+    let built = cluster.kubectl.with_file_name("helm");
+    let mut command = Command::new(if built.is_file() {
+        built
+    } else {
+        PathBuf::from("helm")
+    });
+    command.arg("--kubeconfig").arg(&cluster.kubeconfig);
+    command
 }
 
 /// Whether the real node is there and Ready.
@@ -167,12 +196,7 @@ async fn ensure_namespace(cluster: &Cluster, name: &str) -> Result<()> {
             "pod-security.kubernetes.io/enforce-version": "latest",
         }},
     }))?;
-    namespaces
-        .patch(
-            name,
-            &PatchParams::apply("kubetune-e2e").force(),
-            &Patch::Apply(&namespace),
-        )
+    apply(&namespaces, name, &namespace)
         .await
         .with_context(|| format!("failed to create namespace {name}"))?;
     let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
@@ -206,12 +230,7 @@ impl Volumes {
                     "resources": { "requests": { "storage": "5Gi" } },
                 },
             }))?;
-            claims
-                .patch(
-                    name,
-                    &PatchParams::apply("kubetune-e2e").force(),
-                    &Patch::Apply(&claim),
-                )
+            apply(&claims, name, &claim)
                 .await
                 .with_context(|| format!("failed to claim {name}"))?;
             let bound = wait_for(&claims, name, Duration::from_secs(60), |claim| {
@@ -304,15 +323,7 @@ fn chown_tree(dir: &Path) -> Result<()> {
 /// operator on the real node from the imported image; waits until it is available.
 fn install_chart(cluster: &Cluster, ns: &str, tag: &str) -> Result<()> {
     let chart = workspace_root().join("charts/kubetune");
-    let helm = cluster.kubectl.with_file_name("helm");
-    let helm = if helm.is_file() {
-        helm
-    } else {
-        PathBuf::from("helm")
-    };
-    let output = Command::new(&helm)
-        .arg("--kubeconfig")
-        .arg(&cluster.kubeconfig)
+    let output = helm(cluster)
         .args(["upgrade", "--install", "kubetune"])
         .arg(&chart)
         .args(["--namespace", ns, "--skip-crds", "--wait", "--timeout", "180s"])
@@ -344,7 +355,7 @@ fn install_chart(cluster: &Cluster, ns: &str, tag: &str) -> Result<()> {
             ),
         ])
         .output()
-        .with_context(|| format!("failed to run {}", helm.display()))?;
+        .context("failed to run helm")?;
     if !output.status.success() {
         bail!(
             "helm install failed ({}):\n{}{}",
@@ -472,12 +483,7 @@ async fn start_serving(cluster: &Cluster, ns: &str, tag: &str) -> Result<Vec<Str
             },
         },
     }))?;
-    deployments
-        .patch(
-            SERVING,
-            &PatchParams::apply("kubetune-e2e").force(),
-            &Patch::Apply(&deployment),
-        )
+    apply(&deployments, SERVING, &deployment)
         .await
         .context("failed to create the serving Deployment")?;
     wait_for(
@@ -650,18 +656,10 @@ pub async fn reset(cluster: &Cluster, ns: &str) -> Result<()> {
 /// `helm uninstall` of the release `run` installed (its node-reading ClusterRole would
 /// outlive the namespace).
 pub fn uninstall_chart(cluster: &Cluster, ns: &str) -> Result<()> {
-    let helm = cluster.kubectl.with_file_name("helm");
-    let helm = if helm.is_file() {
-        helm
-    } else {
-        PathBuf::from("helm")
-    };
-    let output = Command::new(&helm)
-        .arg("--kubeconfig")
-        .arg(&cluster.kubeconfig)
+    let output = helm(cluster)
         .args(["uninstall", "kubetune", "--namespace", ns, "--wait"])
         .output()
-        .with_context(|| format!("failed to run {}", helm.display()))?;
+        .context("failed to run helm")?;
     ensure!(
         output.status.success(),
         "helm uninstall failed ({}): {}",
