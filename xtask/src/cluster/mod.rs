@@ -363,7 +363,15 @@ fn up(root: &Path, options: &UpOptions) -> Result<()> {
     }
 
     let real_node = if options.real_node {
-        Some(realnode::prepare()?)
+        // As when it fails to start (see start_all): the rest of the cluster still works.
+        realnode::prepare()
+            .inspect_err(|error| {
+                eprintln!(
+                    "cluster: WARNING: cannot prepare the real node, continuing without it: \
+                     {error:#}"
+                );
+            })
+            .ok()
     } else {
         None
     };
@@ -1152,7 +1160,13 @@ pub fn up_for_demo(root: &Path) -> Result<()> {
              the demo again"
         );
     }
-    up(root, &options)
+    up(root, &options)?;
+    ensure!(
+        has_real_node()?,
+        "the cluster came up without its real node (the warning above says why): the \
+         demo needs it"
+    );
+    Ok(())
 }
 
 /// Whether the cluster that is up has a real node.
