@@ -137,13 +137,11 @@ pub(crate) fn build_dev(root: &Path) -> Result<Vec<PathBuf>> {
     let cache = cache_dir()?;
     let out = cache.join("images");
     std::fs::create_dir_all(&out).with_context(|| format!("failed to create {}", out.display()))?;
-    // The test build's features, so the binaries reuse its artifacts; the trainer's
+    // The whole workspace with the test build's features, so that features unify as in
+    // `cargo test --workspace` and the test build reuses these artifacts; the trainer's
     // Gloo (data-parallel full fine-tuning) comes with it, and ldd brings libgloo.
     let mut cargo = crate::cargo();
-    cargo.args(["build", "--bins", "--features", crate::GLOO]);
-    for image in &IMAGES {
-        cargo.args(["-p", image.package]);
-    }
+    cargo.args(["build", "--workspace", "--bins", "--features", crate::GLOO]);
     crate::step(
         "cargo build (debug binaries for the dev images)",
         &mut cargo,
