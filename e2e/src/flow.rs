@@ -11,7 +11,6 @@
 
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -20,6 +19,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVo
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kubetune_crds::adapterdeployment::{AdapterDeployment, AdapterDeploymentPhase};
 use kubetune_crds::finetunejob::{FineTuneJob, Phase};
+use kubetune_trainer::adapter::sha256_hex;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -95,19 +95,6 @@ where
     .await
 }
 
-/// helm from the cluster's build (next to its kubectl), else `helm` on PATH, with the
-/// cluster's kubeconfig.
-fn helm(cluster: &Cluster) -> Command {
-    let built = cluster.kubectl.with_file_name("helm");
-    let mut command = Command::new(if built.is_file() {
-        built
-    } else {
-        PathBuf::from("helm")
-    });
-    command.arg("--kubeconfig").arg(&cluster.kubeconfig);
-    command
-}
-
 /// Whether the real node is there and Ready.
 pub async fn real_node_ready(cluster: &Cluster) -> Result<bool> {
     let nodes: Api<Node> = Api::all(cluster.client.clone());
@@ -148,7 +135,10 @@ pub async fn run(
         .adapters
         .join(&artifact.path)
         .join("adapter_model.safetensors");
-    let weights_sha256 = sha256_file(&weights)?;
+    let weights_sha256 = sha256_hex(
+        &std::fs::read(&weights)
+            .with_context(|| format!("failed to read {}", weights.display()))?,
+    );
 
     let serving_pods = start_serving(cluster, ns, &options.image_tag).await?;
     let adapters: Api<AdapterDeployment> = Api::namespaced(cluster.client.clone(), ns);
@@ -323,7 +313,7 @@ fn chown_tree(dir: &Path) -> Result<()> {
 /// operator on the real node from the imported image; waits until it is available.
 fn install_chart(cluster: &Cluster, ns: &str, tag: &str) -> Result<()> {
     let chart = workspace_root().join("charts/kubetune");
-    let output = helm(cluster)
+    let output = cluster.helm()
         .args(["upgrade", "--install", "kubetune"])
         .arg(&chart)
         .args(["--namespace", ns, "--skip-crds", "--wait", "--timeout", "180s"])
@@ -553,13 +543,6 @@ pub async fn chat(ip: &str, model: &str, prompt: &str, max_tokens: u32) -> Resul
         .with_context(|| format!("no answer from {model}: {reply}"))
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let bytes =
-        std::fs::read(path).with_context(|| format!("failed to read {}", path.display()))?;
-    Ok(format!("{:x}", Sha256::digest(&bytes)))
-}
-
 /// Gives the local volumes `run` claimed in `ns` back to the pool: deletes what uses
 /// them (the AdapterDeployment, the serving Deployment, the FineTuneJob) and the
 /// claims, empties each volume's directory and clears its claim reference, so the
@@ -656,7 +639,8 @@ pub async fn reset(cluster: &Cluster, ns: &str) -> Result<()> {
 /// `helm uninstall` of the release `run` installed (its node-reading ClusterRole would
 /// outlive the namespace).
 pub fn uninstall_chart(cluster: &Cluster, ns: &str) -> Result<()> {
-    let output = helm(cluster)
+    let output = cluster
+        .helm()
         .args(["uninstall", "kubetune", "--namespace", ns, "--wait"])
         .output()
         .context("failed to run helm")?;

@@ -169,6 +169,19 @@ impl Cluster {
         command.env("KUBECONFIG", &self.kubeconfig);
         command
     }
+
+    /// helm from the cluster's build (next to its kubectl), else `helm` on PATH, with
+    /// this cluster's kubeconfig (`KUBECONFIG`, so a caller may set another).
+    pub fn helm(&self) -> Command {
+        let built = self.kubectl.with_file_name("helm");
+        let mut command = Command::new(if built.is_file() {
+            built
+        } else {
+            PathBuf::from("helm")
+        });
+        command.env("KUBECONFIG", &self.kubeconfig);
+        command
+    }
 }
 
 /// A namespace that is deleted (without waiting) when dropped, also when the

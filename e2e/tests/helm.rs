@@ -38,18 +38,6 @@ fn chart() -> PathBuf {
     workspace_root().join("charts/kubetune")
 }
 
-/// helm from the cluster's build (next to its kubectl), else `helm` on PATH.
-fn helm(cluster: &Cluster) -> Command {
-    let built = cluster.kubectl.with_file_name("helm");
-    let mut command = Command::new(if built.is_file() {
-        built
-    } else {
-        PathBuf::from("helm")
-    });
-    command.env("KUBECONFIG", &cluster.kubeconfig);
-    command
-}
-
 /// Runs `command`, failing with its stderr unless it succeeds.
 fn succeed(command: &mut Command) -> Result<Output> {
     let output = command
@@ -67,7 +55,7 @@ fn succeed(command: &mut Command) -> Result<Output> {
 
 /// `helm template` of the chart for `namespace` with `--set` values.
 fn template(cluster: &Cluster, namespace: &str, set: &[&str]) -> Result<String> {
-    let mut command = helm(cluster);
+    let mut command = cluster.helm();
     command
         .args(["template", "kubetune"])
         .arg(chart())
@@ -109,7 +97,7 @@ struct Release {
 
 impl Release {
     fn install(cluster: &Cluster, namespace: &str, set: &[&str]) -> Result<Self> {
-        let mut command = helm(cluster);
+        let mut command = cluster.helm();
         command
             .args(["install", "kubetune"])
             .arg(chart())
@@ -137,7 +125,9 @@ impl Release {
 
 impl Drop for Release {
     fn drop(&mut self) {
-        let _ = helm(&self.cluster)
+        let _ = self
+            .cluster
+            .helm()
             .args(["uninstall", &self.name, "--namespace", &self.namespace])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -268,7 +258,8 @@ async fn chart_lints_clean_in_both_modes() -> Result<()> {
     let cluster = cluster_or_skip!("chart_lints_clean_in_both_modes");
     for mode in ["scope.mode=cluster", "scope.mode=namespaced"] {
         let output = succeed(
-            helm(&cluster)
+            cluster
+                .helm()
                 .args(["lint", "--strict"])
                 .arg(chart())
                 .args(["--set", mode]),
@@ -404,7 +395,8 @@ async fn values_that_break_the_schema_are_refused_by_template_and_install() -> R
         let file = dir.join(format!("bad-{index}.yaml"));
         std::fs::write(&file, values)?;
         for verb in ["template", "install"] {
-            let output = helm(&cluster)
+            let output = cluster
+                .helm()
                 .args([verb, "kubetune"])
                 .arg(chart())
                 .args(["--namespace", &namespace.name, "--values"])
@@ -413,7 +405,8 @@ async fn values_that_break_the_schema_are_refused_by_template_and_install() -> R
             if verb == "install" && output.status.success() {
                 // Not refused after all: take it out again (its ClusterRoles outlive
                 // the namespace).
-                let _ = helm(&cluster)
+                let _ = cluster
+                    .helm()
                     .args(["uninstall", "kubetune", "--namespace", &namespace.name])
                     .output();
             }
@@ -432,7 +425,11 @@ async fn values_that_break_the_schema_are_refused_by_template_and_install() -> R
     }
     std::fs::remove_dir_all(&dir)?;
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-    let releases = succeed(helm(&cluster).args(["list", "-q", "--namespace", &namespace.name]))?;
+    let releases = succeed(
+        cluster
+            .helm()
+            .args(["list", "-q", "--namespace", &namespace.name]),
+    )?;
     assert!(
         releases.stdout.iter().all(u8::is_ascii_whitespace),
         "a refused install left a release: {}",

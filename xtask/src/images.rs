@@ -83,84 +83,97 @@ pub fn run(root: &Path, args: &[&str]) -> Result<()> {
 
 /// The release images: their OCI archives, operator first.
 pub(crate) fn build(root: &Path) -> Result<Vec<PathBuf>> {
-    ensure!(
-        Command::new("buildah").arg("--version").output().is_ok(),
-        "buildah is not installed (Debian: apt-get install buildah)"
-    );
-    let version = env!("CARGO_PKG_VERSION");
-    let cache = cache_dir()?;
-    let out = cache.join("images");
-    std::fs::create_dir_all(&out).with_context(|| format!("failed to create {}", out.display()))?;
-
-    let mut cargo = crate::cargo();
-    cargo
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "--target",
-            TARGET,
-            "--bins",
-        ])
-        .env("RUSTFLAGS", RUSTFLAGS);
-    for image in &IMAGES {
-        cargo.args(["-p", image.package]);
-    }
-    crate::step("cargo build (static, release)", &mut cargo)?;
-
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), PathBuf::from)
-        .join(TARGET)
-        .join("release");
-    let buildah = Buildah::in_cache(&cache);
-    let mut archives = Vec::new();
-    for image in &IMAGES {
-        let binaries: Vec<PathBuf> = image.binaries.iter().map(|b| target_dir.join(b)).collect();
-        for binary in &binaries {
-            ensure_static(binary)?;
-        }
-        let files = in_image(&binaries, image.binaries);
-        archives.push(save(&buildah, &out, image, version, &files)?);
-    }
-    Ok(archives)
+    build_images(root, Kind::Release)
 }
 
-/// The images of the debug binaries (`cargo build --bins`, the test build's own
-/// artifacts), tagged VERSION-dev, each with the shared libraries its binaries load
-/// (glibc's, from this machine): their OCI archives, operator first.
+/// The images of the debug binaries (the test build's own artifacts), tagged
+/// VERSION-dev, each with the shared libraries its binaries load (glibc's and, for the
+/// trainer, libgloo's, from this machine): their OCI archives, operator first.
 pub(crate) fn build_dev(root: &Path) -> Result<Vec<PathBuf>> {
+    build_images(root, Kind::Dev)
+}
+
+/// Which binaries an image holds and how they were built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Static release binaries, alone in the image.
+    Release,
+    /// Debug binaries with the shared libraries they load.
+    Dev,
+}
+
+fn build_images(root: &Path, kind: Kind) -> Result<Vec<PathBuf>> {
     ensure!(
         Command::new("buildah").arg("--version").output().is_ok(),
         "buildah is not installed (Debian: apt-get install buildah)"
     );
-    let version = format!("{}-dev", env!("CARGO_PKG_VERSION"));
     let cache = cache_dir()?;
     let out = cache.join("images");
     std::fs::create_dir_all(&out).with_context(|| format!("failed to create {}", out.display()))?;
-    // The whole workspace with the test build's features, so that features unify as in
-    // `cargo test --workspace` and the test build reuses these artifacts; the trainer's
-    // Gloo (data-parallel full fine-tuning) comes with it, and ldd brings libgloo.
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let mut cargo = crate::cargo();
-    cargo.args(["build", "--workspace", "--bins", "--features", crate::GLOO]);
-    crate::step(
-        "cargo build (debug binaries for the dev images)",
-        &mut cargo,
-    )?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), PathBuf::from)
-        .join("debug");
+    let (version, binaries_dir) = match kind {
+        Kind::Release => {
+            cargo
+                .args([
+                    "build",
+                    "--release",
+                    "--locked",
+                    "--target",
+                    TARGET,
+                    "--bins",
+                ])
+                .env("RUSTFLAGS", RUSTFLAGS);
+            for image in &IMAGES {
+                cargo.args(["-p", image.package]);
+            }
+            crate::step("cargo build (static, release)", &mut cargo)?;
+            (
+                env!("CARGO_PKG_VERSION").to_owned(),
+                target_dir.join(TARGET).join("release"),
+            )
+        }
+        Kind::Dev => {
+            // The whole workspace with the test build's features, so that features
+            // unify as in `cargo test --workspace` and the test build reuses these
+            // artifacts; the trainer's Gloo comes with it, and ldd brings libgloo.
+            cargo.args(["build", "--workspace", "--bins", "--features", crate::GLOO]);
+            crate::step(
+                "cargo build (debug binaries for the dev images)",
+                &mut cargo,
+            )?;
+            (
+                format!("{}-dev", env!("CARGO_PKG_VERSION")),
+                target_dir.join("debug"),
+            )
+        }
+    };
     let buildah = Buildah::in_cache(&cache);
     let mut archives = Vec::new();
     for image in &IMAGES {
-        let binaries: Vec<PathBuf> = image.binaries.iter().map(|b| target_dir.join(b)).collect();
+        let binaries: Vec<PathBuf> = image
+            .binaries
+            .iter()
+            .map(|binary| binaries_dir.join(binary))
+            .collect();
         let mut files = in_image(&binaries, image.binaries);
-        for library in shared_libraries(&binaries)? {
-            // Where the binary looks for it, with the content of what it links to
-            // (/lib64/ld-linux-x86-64.so.2 is a link on Debian).
-            let path = library.display().to_string();
-            let content = std::fs::canonicalize(&library)
-                .with_context(|| format!("failed to resolve {}", library.display()))?;
-            files.push((content, path));
+        match kind {
+            Kind::Release => {
+                for binary in &binaries {
+                    ensure_static(binary)?;
+                }
+            }
+            Kind::Dev => {
+                for library in shared_libraries(&binaries)? {
+                    // Where the binary looks for it, with the content of what it links
+                    // to (/lib64/ld-linux-x86-64.so.2 is a link on Debian).
+                    let path = library.display().to_string();
+                    let content = std::fs::canonicalize(&library)
+                        .with_context(|| format!("failed to resolve {}", library.display()))?;
+                    files.push((content, path));
+                }
+            }
         }
         archives.push(save(&buildah, &out, image, &version, &files)?);
     }

@@ -95,14 +95,7 @@ pub fn wanted_by_default() -> bool {
 }
 
 fn is_root() -> bool {
-    // The effective UID is the second field of /proc/self/status's `Uid:` line.
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("Uid:"))
-            .and_then(|uids| uids.split_whitespace().nth(1))
-            == Some("0")
-    })
+    nix::unistd::geteuid().is_root()
 }
 
 /// Installs what is missing from Debian, picks the node's address and ports.
