@@ -184,6 +184,11 @@ fn test() -> Result<()> {
         Ok(())
     };
     let tested = imported.and_then(|()| step("cargo test", &mut test));
+    if tested.is_err()
+        && let Err(error) = cluster::keep_logs(&root().join("target/cluster-logs"))
+    {
+        println!("    could not keep the cluster's logs: {error:#}");
+    }
     println!("==> cargo xtask cluster down");
     let downed = cluster::down_for_tests();
     match (tested, downed) {

@@ -706,6 +706,12 @@ fn start_all(
             arg("--cluster-signing-cert-file", &pki.ca.cert),
             arg("--cluster-signing-key-file", &pki.ca.key),
             "--profiling=false".into(),
+            // The default 20 requests/s per controller client is sized for a control
+            // plane shared with many nodes; here the tests churn namespaces, Jobs and
+            // pods, and a throttled garbage collector left a torn-down gang's pods
+            // undeleted for minutes on a loaded CI machine.
+            "--kube-api-qps=200".into(),
+            "--kube-api-burst=400".into(),
         ],
         log: layout.log("kube-controller-manager"),
     };
@@ -1191,6 +1197,38 @@ pub fn import_into_real_node(archives: &[PathBuf]) -> Result<()> {
 /// `cluster down` for `cargo xtask test`.
 pub fn down_for_tests() -> Result<()> {
     down()
+}
+
+/// After failed tests, before `down` removes them: copies the components' logs to
+/// `into` and prints the controller manager's recent errors and warnings, which is
+/// where a controller that lagged (the garbage collector, the Job controller) shows.
+pub fn keep_logs(into: &Path) -> Result<()> {
+    let logs = layout()?.logs();
+    if !logs.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(into)
+        .with_context(|| format!("failed to create {}", into.display()))?;
+    for entry in std::fs::read_dir(&logs)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), into.join(entry.file_name()))
+            .with_context(|| format!("failed to copy {}", entry.path().display()))?;
+    }
+    println!("    the cluster's logs are kept in {}", into.display());
+    let manager =
+        std::fs::read_to_string(logs.join("kube-controller-manager.log")).unwrap_or_default();
+    let recent: Vec<&str> = manager
+        .lines()
+        .filter(|line| line.starts_with(['E', 'W']) && !line.contains("missing content for CA"))
+        .collect();
+    let shown = &recent[recent.len().saturating_sub(20)..];
+    if !shown.is_empty() {
+        println!("    kube-controller-manager's last errors and warnings:");
+        for line in shown {
+            println!("      {}", line.chars().take(400).collect::<String>());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
