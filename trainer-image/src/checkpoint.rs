@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::adapter::{WEIGHTS_FILE, safetensors_bytes, write_atomic};
 use crate::error::{Error, Result};
 use crate::model::Llama;
-use crate::optim::AdamW;
+use crate::optim::{AdamW, Moments};
 use crate::rng::Rng;
 
 const STATE_FILE: &str = "trainer_state.json";
@@ -85,12 +85,13 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-/// Writes a checkpoint of step `state.step` and prunes all but the newest `keep`.
+/// Writes a checkpoint of step `state.step`, with the optimizer's `moments` of every
+/// trainable parameter, and prunes all but the newest `keep`.
 pub fn save_checkpoint(
     dir: &Path,
     keep: usize,
     model: &Llama,
-    optimizer: &AdamW,
+    moments: &Moments,
     state: &TrainerState,
 ) -> Result<PathBuf> {
     let final_dir = dir.join(checkpoint_name(state.step));
@@ -106,12 +107,19 @@ pub fn save_checkpoint(
         .map(|(key, var)| (key.clone(), var.as_tensor().clone()))
         .collect();
     write_atomic(&tmp_dir.join(file), &safetensors_bytes(tensors, file)?)?;
-    let mut moments: Vec<(String, Tensor)> = Vec::new();
-    for (i, (key, _)) in params.into_iter().enumerate() {
-        moments.push((format!("m.{key}"), optimizer.m[i].clone()));
-        moments.push((format!("v.{key}"), optimizer.v[i].clone()));
+    if moments.m.len() != params.len() || moments.v.len() != params.len() {
+        return Err(Error::invalid(format!(
+            "{} optimizer moments for {} trainable tensors",
+            moments.m.len(),
+            params.len()
+        )));
     }
-    let opt_bytes = safetensors::serialize(moments, None).map_err(|err| Error::Safetensors {
+    let mut named: Vec<(String, Tensor)> = Vec::new();
+    for ((key, _), (m, v)) in params.into_iter().zip(moments.m.iter().zip(&moments.v)) {
+        named.push((format!("m.{key}"), m.clone()));
+        named.push((format!("v.{key}"), v.clone()));
+    }
+    let opt_bytes = safetensors::serialize(named, None).map_err(|err| Error::Safetensors {
         action: "serialise",
         path: tmp_dir.join(OPTIMIZER_FILE),
         message: err.to_string(),
@@ -132,7 +140,8 @@ pub fn save_checkpoint(
     Ok(final_dir)
 }
 
-/// Restores the newest checkpoint in `dir` into `model` and `optimizer`, if there is one.
+/// Restores the newest checkpoint in `dir` into `model` and `optimizer` (which keeps
+/// the moments it owns), if there is one.
 pub fn resume_latest(
     dir: &Path,
     model: &Llama,
@@ -184,6 +193,6 @@ pub fn resume_latest(
         m.push(moments.get(&mk).ok_or_else(|| missing(&mk))?.clone());
         v.push(moments.get(&vk).ok_or_else(|| missing(&vk))?.clone());
     }
-    optimizer.restore(state.step, m, v)?;
+    optimizer.restore(state.step, Moments { m, v })?;
     Ok(Some(state))
 }

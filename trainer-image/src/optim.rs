@@ -31,11 +31,24 @@ impl Default for AdamWConfig {
 }
 
 /// AdamW over a fixed list of f32 parameters, with checkpointable state.
+///
+/// With the optimizer state sharded across data-parallel ranks (ZeRO stage 1), each
+/// rank keeps the moments of, and updates, only the parameters it owns; the others'
+/// moments are `None` here, and the ranks swap the updated weights after each step.
 #[derive(Debug)]
 pub struct AdamW {
     config: AdamWConfig,
     /// Completed optimizer steps (for bias correction).
     pub step: u64,
+    /// First moments, one per parameter; `None` where another rank owns it.
+    m: Vec<Option<Tensor>>,
+    /// Second moments, one per parameter; `None` where another rank owns it.
+    v: Vec<Option<Tensor>>,
+}
+
+/// The moments of every parameter, as a checkpoint holds them.
+#[derive(Clone, Debug)]
+pub struct Moments {
     /// First moments, one per parameter.
     pub m: Vec<Tensor>,
     /// Second moments, one per parameter.
@@ -43,48 +56,93 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// Zero state for `params`.
+    /// Zero state for every parameter of `params`.
     pub fn new(config: AdamWConfig, params: &[&Var]) -> Result<Self> {
-        let zeros = |p: &&Var| {
-            p.as_tensor()
-                .zeros_like()
-                .and_then(|t| t.to_dtype(DType::F32))
+        Self::sharded(config, params, &vec![true; params.len()])
+    }
+
+    /// Zero state for the parameters of `params` whose `owned` entry is true; the
+    /// others are left to other ranks.
+    pub fn sharded(config: AdamWConfig, params: &[&Var], owned: &[bool]) -> Result<Self> {
+        if owned.len() != params.len() {
+            return Err(Error::invalid(format!(
+                "{} ownership flags for {} parameters",
+                owned.len(),
+                params.len()
+            )));
+        }
+        let zeros = |(p, owned): (&&Var, &bool)| -> candle_core::Result<Option<Tensor>> {
+            owned
+                .then(|| p.as_tensor().zeros_like()?.to_dtype(DType::F32))
+                .transpose()
         };
         Ok(Self {
             config,
             step: 0,
             m: params
                 .iter()
+                .zip(owned)
                 .map(zeros)
                 .collect::<candle_core::Result<_>>()?,
             v: params
                 .iter()
+                .zip(owned)
                 .map(zeros)
                 .collect::<candle_core::Result<_>>()?,
         })
     }
 
-    /// Replaces the state with a saved one (shapes checked).
-    pub fn restore(&mut self, step: u64, m: Vec<Tensor>, v: Vec<Tensor>) -> Result<()> {
-        if m.len() != self.m.len() || v.len() != self.v.len() {
-            return Err(Error::invalid(
-                "checkpoint optimizer state does not match the adapter",
-            ));
+    /// Whether this optimizer updates parameter `i`.
+    pub fn owns(&self, i: usize) -> bool {
+        self.m.get(i).is_some_and(Option::is_some)
+    }
+
+    /// The moments of parameter `i`, when this optimizer owns it.
+    pub fn moments_of(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
+        Some((self.m.get(i)?.as_ref()?, self.v.get(i)?.as_ref()?))
+    }
+
+    /// Every parameter's moments, when this optimizer owns them all.
+    pub fn moments(&self) -> Option<Moments> {
+        Some(Moments {
+            m: self.m.iter().cloned().collect::<Option<_>>()?,
+            v: self.v.iter().cloned().collect::<Option<_>>()?,
+        })
+    }
+
+    /// Bytes of moment state this optimizer holds.
+    pub fn state_bytes(&self) -> u64 {
+        self.m
+            .iter()
+            .chain(&self.v)
+            .flatten()
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum()
+    }
+
+    /// Replaces the state with a saved one of every parameter (shapes checked), keeping
+    /// the moments of the parameters this optimizer owns.
+    pub fn restore(&mut self, step: u64, saved: Moments) -> Result<()> {
+        let mismatch = || Error::invalid("checkpoint optimizer state does not match the model");
+        if saved.m.len() != self.m.len() || saved.v.len() != self.v.len() {
+            return Err(mismatch());
         }
-        for (new, old) in m.iter().zip(&self.m).chain(v.iter().zip(&self.v)) {
-            if new.dims() != old.dims() {
-                return Err(Error::invalid(
-                    "checkpoint optimizer state does not match the adapter",
-                ));
+        for (mine, theirs) in [(&mut self.m, saved.m), (&mut self.v, saved.v)] {
+            for (slot, new) in mine.iter_mut().zip(theirs) {
+                if let Some(old) = slot {
+                    if new.dims() != old.dims() {
+                        return Err(mismatch());
+                    }
+                    *old = new.to_dtype(DType::F32)?;
+                }
             }
         }
         self.step = step;
-        self.m = m;
-        self.v = v;
         Ok(())
     }
 
-    /// One update with learning rate `lr` and (already clipped) gradients `grads`.
+    /// One update with learning rate `lr` and (already clipped) gradients `grads`, of
+    /// the parameters this optimizer owns.
     pub fn update(&mut self, params: &[&Var], grads: &[Tensor], lr: f64) -> Result<()> {
         self.step += 1;
         let c = &self.config;
@@ -92,14 +150,17 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
         for (i, (param, grad)) in params.iter().zip(grads).enumerate() {
-            let m = ((&self.m[i] * c.beta1)? + (grad * (1.0 - c.beta1))?)?;
-            let v = ((&self.v[i] * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
+            let (Some(m), Some(v)) = (&self.m[i], &self.v[i]) else {
+                continue;
+            };
+            let m = ((m * c.beta1)? + (grad * (1.0 - c.beta1))?)?;
+            let v = ((v * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
             let denom = ((&v * (1.0 / bc2))?.sqrt()? + c.eps)?;
             let step = ((&m * (lr / bc1))? / denom)?;
             let decayed = (param.as_tensor() * (1.0 - lr * c.weight_decay))?;
             param.set(&(decayed - step)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            self.m[i] = Some(m);
+            self.v[i] = Some(v);
         }
         Ok(())
     }
@@ -183,6 +244,48 @@ mod tests {
         for (a, b) in got.iter().zip(expected) {
             assert!((a - b).abs() < 1e-5, "{got:?} vs {expected:?}");
         }
+    }
+
+    #[test]
+    fn a_sharded_optimizer_updates_and_keeps_state_only_for_what_it_owns() {
+        let dev = Device::Cpu;
+        let a = Var::from_slice(&[1.0f32, 2.0], 2, &dev).expect("var");
+        let b = Var::from_slice(&[3.0f32, 4.0, 5.0], 3, &dev).expect("var");
+        let config = AdamWConfig::default();
+        let mut full = AdamW::new(config.clone(), &[&a, &b]).expect("adamw");
+        let mut half = AdamW::sharded(config, &[&a, &b], &[false, true]).expect("adamw");
+        assert_eq!(full.state_bytes(), 2 * 5 * 4);
+        assert_eq!(half.state_bytes(), 2 * 3 * 4);
+        assert!(half.moments().is_none() && full.moments().is_some());
+        let grads = [
+            Tensor::new(&[0.5f32, -1.0], &dev).expect("grad"),
+            Tensor::new(&[1.0f32, 0.0, -2.0], &dev).expect("grad"),
+        ];
+        let (a2, b2) = (
+            Var::from_slice(&[1.0f32, 2.0], 2, &dev).expect("var"),
+            Var::from_slice(&[3.0f32, 4.0, 5.0], 3, &dev).expect("var"),
+        );
+        full.update(&[&a, &b], &grads, 0.1).expect("update");
+        half.update(&[&a2, &b2], &grads, 0.1).expect("update");
+        // The owned parameter moves exactly as with the whole state; the other is left
+        // for its owner.
+        assert_eq!(
+            b.as_tensor().to_vec1::<f32>().expect("vec"),
+            b2.as_tensor().to_vec1::<f32>().expect("vec")
+        );
+        assert_eq!(a2.as_tensor().to_vec1::<f32>().expect("vec"), [1.0, 2.0]);
+        assert_eq!(half.step, 1);
+
+        // Restoring a whole state keeps the owned share.
+        let saved = full.moments().expect("all owned");
+        half.restore(7, saved.clone()).expect("restore");
+        assert_eq!(half.step, 7);
+        let (m, _) = half.moments_of(1).expect("owned");
+        assert_eq!(
+            m.to_vec1::<f32>().expect("vec"),
+            saved.m[1].to_vec1::<f32>().expect("vec")
+        );
+        assert!(half.moments_of(0).is_none());
     }
 
     #[test]

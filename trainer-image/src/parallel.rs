@@ -12,6 +12,16 @@
 //! weights stay identical (checked at the end). Rank 0 alone writes checkpoints and
 //! outputs.
 //!
+//! The optimizer state is sharded across the ranks by default (ZeRO stage 1, see
+//! [`Partition`]): each rank keeps the AdamW moments of, and updates, only the
+//! parameters it owns, then every owner broadcasts its updated parameters. AdamW's
+//! two f32 moments per weight are half of full fine-tuning's memory beyond activations
+//! (weights, gradients, moments: 4 floats a weight), so on W ranks each holds
+//! 2 + 2/W floats a weight instead of 4, for one extra exchange of the weights a step.
+//! The arithmetic per parameter is unchanged, so the weights are the same bits either
+//! way. Checkpoints still hold the whole state: the owners send their moments to rank
+//! 0 when one is written, and every rank keeps its share of them on resume.
+//!
 //! With one rank (no gang) every collective is the identity.
 
 use std::time::Duration;
@@ -19,6 +29,7 @@ use std::time::Duration;
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::optim::{AdamW, Moments};
 
 /// This process' place in a data-parallel gang (from the operator's environment).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +44,9 @@ pub struct Gang {
     pub rendezvous_timeout: Duration,
     /// How long one collective (a gradient sum) may wait for the other ranks.
     pub timeout: Duration,
+    /// Whether each rank keeps only its share of the optimizer state ([`Partition`]);
+    /// otherwise every rank keeps all of it and updates every parameter itself.
+    pub shard_optimizer_state: bool,
 }
 
 /// The ranks of a run as the training loop sees them.
@@ -119,18 +133,12 @@ impl Ranks {
             comm.allreduce_sum_f64(figures).map_err(collective)?;
             // One flat buffer, one allreduce: Gloo's ring moves it in segments, and one
             // call per tensor would pay the ring's latency a hundred times a step.
-            let total: usize = grads.iter().map(Tensor::elem_count).sum();
-            let mut flat = Vec::with_capacity(total);
-            for g in grads.iter() {
-                flat.extend(g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
-            }
+            let mut flat = flatten(&grads.iter().collect::<Vec<_>>())?;
             comm.allreduce_sum_f32(&mut flat).map_err(collective)?;
             let mut offset = 0;
             for g in grads.iter_mut() {
                 let n = g.elem_count();
-                let summed = Tensor::from_slice(&flat[offset..offset + n], g.shape(), g.device())?
-                    .to_dtype(g.dtype())?;
-                *g = summed;
+                *g = unflatten(&flat[offset..offset + n], g)?;
                 offset += n;
             }
         }
@@ -149,16 +157,126 @@ impl Ranks {
         #[cfg(feature = "gloo")]
         if let Some(comm) = &mut self.comm {
             for p in params {
-                let t = p.as_tensor();
-                let mut values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                let mut values = flatten(&[p.as_tensor()])?;
                 comm.broadcast_f32(&mut values, 0).map_err(collective)?;
-                let from_zero =
-                    Tensor::from_vec(values, t.shape(), t.device())?.to_dtype(t.dtype())?;
-                p.set(&from_zero)?;
+                p.set(&unflatten(&values, p.as_tensor())?)?;
             }
         }
         #[cfg(not(feature = "gloo"))]
         let _ = params;
+        Ok(())
+    }
+
+    /// After a sharded optimizer step, gives every rank the parameters each owner
+    /// updated: one broadcast per rank of its parameters, flattened.
+    pub fn share_updates(&mut self, params: &[&Var], partition: &Partition) -> Result<()> {
+        if self.world_size == 1 || partition.is_replicated() {
+            return Ok(());
+        }
+        for root in 0..self.world_size {
+            let owned: Vec<usize> = partition.of(root).collect();
+            let mut flat = if root == self.rank {
+                flatten(
+                    &owned
+                        .iter()
+                        .map(|&i| params[i].as_tensor())
+                        .collect::<Vec<_>>(),
+                )?
+            } else {
+                vec![0.0; owned.iter().map(|&i| params[i].elem_count()).sum()]
+            };
+            if flat.is_empty() {
+                continue;
+            }
+            self.broadcast_from(&mut flat, root)?;
+            if root != self.rank {
+                let mut offset = 0;
+                for &i in &owned {
+                    let n = params[i].elem_count();
+                    params[i].set(&unflatten(
+                        &flat[offset..offset + n],
+                        params[i].as_tensor(),
+                    )?)?;
+                    offset += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every parameter's optimizer moments on rank 0 (`None` on the others), for a
+    /// checkpoint: with sharded state, each owner broadcasts its moments. Every rank
+    /// must call it at the same step.
+    pub fn gather_moments(
+        &mut self,
+        optimizer: &AdamW,
+        params: &[&Var],
+        partition: &Partition,
+    ) -> Result<Option<Moments>> {
+        if self.world_size == 1 || partition.is_replicated() {
+            return Ok(self.is_primary().then(|| optimizer.moments()).flatten());
+        }
+        let mut m: Vec<Option<Tensor>> = vec![None; params.len()];
+        let mut v: Vec<Option<Tensor>> = vec![None; params.len()];
+        for root in 0..self.world_size {
+            let owned: Vec<usize> = partition.of(root).collect();
+            let size: usize = owned.iter().map(|&i| params[i].elem_count()).sum();
+            let mut flat = if root == self.rank {
+                let mut tensors = Vec::with_capacity(2 * owned.len());
+                for &i in &owned {
+                    let (m, v) = optimizer.moments_of(i).ok_or_else(|| {
+                        Error::Collective(format!(
+                            "rank {root} should own parameter {i} but holds no moments for it"
+                        ))
+                    })?;
+                    tensors.extend([m, v]);
+                }
+                flatten(&tensors)?
+            } else {
+                vec![0.0; 2 * size]
+            };
+            if flat.is_empty() {
+                continue;
+            }
+            self.broadcast_from(&mut flat, root)?;
+            if self.is_primary() {
+                let mut offset = 0;
+                for &i in &owned {
+                    let n = params[i].elem_count();
+                    let like = params[i].as_tensor().to_dtype(DType::F32)?;
+                    m[i] = Some(unflatten(&flat[offset..offset + n], &like)?);
+                    v[i] = Some(unflatten(&flat[offset + n..offset + 2 * n], &like)?);
+                    offset += 2 * n;
+                }
+            }
+        }
+        if !self.is_primary() {
+            return Ok(None);
+        }
+        let all = |moments: Vec<Option<Tensor>>| {
+            moments
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| {
+                    Error::Collective(
+                        "a parameter has no owner in the optimizer's partition".into(),
+                    )
+                })
+        };
+        Ok(Some(Moments {
+            m: all(m)?,
+            v: all(v)?,
+        }))
+    }
+
+    /// Broadcasts `values` from `root` to every rank.
+    fn broadcast_from(&mut self, values: &mut [f32], root: usize) -> Result<()> {
+        #[cfg(feature = "gloo")]
+        if let Some(comm) = &mut self.comm {
+            comm.broadcast_f32(values, root).map_err(collective)?;
+        }
+        #[cfg(not(feature = "gloo"))]
+        let _ = (values, root);
         Ok(())
     }
 
@@ -182,6 +300,79 @@ impl Ranks {
         let _ = (what, value);
         Ok(())
     }
+}
+
+/// Which rank owns each parameter: keeps its optimizer state and updates it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Partition {
+    owner: Vec<usize>,
+    world_size: usize,
+}
+
+impl Partition {
+    /// Every rank owns every parameter (the state replicated, as with one rank).
+    pub fn replicated(params: usize) -> Self {
+        Self {
+            owner: vec![0; params],
+            world_size: 1,
+        }
+    }
+
+    /// Parameters of `sizes` elements spread over `world_size` ranks so that each holds
+    /// about the same number of elements: the largest first, each to the rank holding
+    /// the fewest so far (the lowest rank on a tie). Every rank computes the same
+    /// partition from the same sizes.
+    pub fn balanced(sizes: &[usize], world_size: usize) -> Self {
+        let world_size = world_size.max(1);
+        let mut order: Vec<usize> = (0..sizes.len()).collect();
+        order.sort_by_key(|&i| (std::cmp::Reverse(sizes[i]), i));
+        let mut load = vec![0usize; world_size];
+        let mut owner = vec![0; sizes.len()];
+        for i in order {
+            let rank = (0..world_size)
+                .min_by_key(|&r| (load[r], r))
+                .expect("at least one rank");
+            owner[i] = rank;
+            load[rank] += sizes[i];
+        }
+        Self { owner, world_size }
+    }
+
+    /// Whether every rank owns every parameter.
+    pub fn is_replicated(&self) -> bool {
+        self.world_size == 1
+    }
+
+    /// Whether `rank` owns parameter `i`.
+    pub fn owns(&self, rank: usize, i: usize) -> bool {
+        self.is_replicated() || self.owner[i] == rank
+    }
+
+    /// Per parameter, whether `rank` owns it.
+    pub fn owned_by(&self, rank: usize) -> Vec<bool> {
+        (0..self.owner.len()).map(|i| self.owns(rank, i)).collect()
+    }
+
+    /// The parameters `rank` owns, in order (empty for a replicated partition, which
+    /// has no owners to hear from).
+    fn of(&self, rank: usize) -> impl Iterator<Item = usize> + '_ {
+        let sharded = !self.is_replicated();
+        (0..self.owner.len()).filter(move |&i| sharded && self.owner[i] == rank)
+    }
+}
+
+/// `tensors` as one flat f32 vector.
+fn flatten(tensors: &[&Tensor]) -> Result<Vec<f32>> {
+    let mut flat = Vec::with_capacity(tensors.iter().map(|t| t.elem_count()).sum());
+    for t in tensors {
+        flat.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+    }
+    Ok(flat)
+}
+
+/// A tensor shaped, typed and placed like `like`, from `values`.
+fn unflatten(values: &[f32], like: &Tensor) -> Result<Tensor> {
+    Ok(Tensor::from_slice(values, like.shape(), like.device())?.to_dtype(like.dtype())?)
 }
 
 /// A fingerprint of the exact bits of `params` (FNV-1a over each f32's bits), as an
@@ -231,6 +422,32 @@ mod tests {
             comm: None,
         };
         assert!(last.shard(&short, 2).is_empty());
+    }
+
+    #[test]
+    fn a_balanced_partition_gives_each_rank_about_the_same_number_of_elements() {
+        let sizes = [100, 10, 60, 40, 30, 30, 5, 5];
+        let partition = Partition::balanced(&sizes, 3);
+        let loads: Vec<usize> = (0..3)
+            .map(|r| partition.of(r).map(|i| sizes[i]).sum())
+            .collect();
+        // 280 elements: the 100 alone, then the rest evened out around it.
+        assert_eq!(loads, vec![100, 90, 90]);
+        for i in 0..sizes.len() {
+            assert_eq!((0..3).filter(|&r| partition.owns(r, i)).count(), 1);
+        }
+        assert_eq!(partition, Partition::balanced(&sizes, 3), "deterministic");
+        assert_eq!(
+            partition.owned_by(0),
+            vec![true, false, false, false, false, false, false, false]
+        );
+        // More ranks than parameters: some own nothing.
+        let sparse = Partition::balanced(&[4, 4], 3);
+        assert_eq!(sparse.of(2).count(), 0);
+        // Replicated: everyone owns everything, and nobody needs to send anything.
+        let replicated = Partition::replicated(3);
+        assert!(replicated.owns(5, 2));
+        assert_eq!(replicated.of(0).count(), 0);
     }
 
     #[test]

@@ -42,7 +42,7 @@ use crate::full::save_full_model;
 use crate::lora::{DropoutKey, LoraSettings};
 use crate::model::{BaseFormat, Llama, Pass};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, learning_rate};
-use crate::parallel::{Gang, Ranks, weights_fingerprint};
+use crate::parallel::{Gang, Partition, Ranks, weights_fingerprint};
 use crate::progress::{SharedProgress, update};
 use crate::rng::Rng;
 use crate::tokenizer::TextTokenizer;
@@ -171,6 +171,9 @@ pub struct RunSummary {
     /// exchange, waiting for slower ranks included.
     #[serde(skip_serializing_if = "is_zero")]
     pub collective_seconds: f64,
+    /// Bytes of optimizer state (AdamW's moments) this rank held: all of it alone or
+    /// replicated, its share when sharded across a gang.
+    pub optimizer_state_bytes: u64,
     /// Whether this process wrote the outputs: rank 0 of a gang, or a lone process.
     /// Other ranks write nothing, and their `adapter` is empty.
     #[serde(skip)]
@@ -601,6 +604,8 @@ fn fingerprint(opts: &TrainOptions, train: usize, total_steps: u64, batch: usize
     )
 }
 
+const MIB: f64 = 1024.0 * 1024.0;
+
 /// Runs (or resumes) training and writes the adapter and `metrics.json`.
 pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<RunSummary> {
     let started = Instant::now();
@@ -636,13 +641,31 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
     let print = fingerprint(opts, n_train, total_steps, global_batch);
     let params_named = model.trainable_params();
     let params: Vec<&Var> = params_named.iter().map(|(_, v)| *v).collect();
-    let mut optimizer = AdamW::new(
+    let partition = match &opts.gang {
+        Some(gang) if gang.shard_optimizer_state && ranks.world_size() > 1 => {
+            let sizes: Vec<usize> = params.iter().map(|p| p.elem_count()).collect();
+            Partition::balanced(&sizes, ranks.world_size())
+        }
+        _ => Partition::replicated(params.len()),
+    };
+    let mut optimizer = AdamW::sharded(
         AdamWConfig {
             weight_decay: opts.weight_decay,
             ..AdamWConfig::default()
         },
         &params,
+        &partition.owned_by(ranks.rank()),
     )?;
+    if ranks.world_size() > 1 {
+        let all: usize = params.iter().map(|p| 2 * 4 * p.elem_count()).sum();
+        tracing::info!(
+            rank = ranks.rank(),
+            sharded = !partition.is_replicated(),
+            optimizer_state_mib = optimizer.state_bytes() as f64 / MIB,
+            all_optimizer_state_mib = all as f64 / MIB,
+            "optimizer state on this rank"
+        );
+    }
     std::fs::create_dir_all(&opts.checkpoint_dir)
         .map_err(Error::io("create", &opts.checkpoint_dir))?;
     let resumed = resume_latest(&opts.checkpoint_dir, &model, &mut optimizer, &print, device)?;
@@ -794,6 +817,11 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
             total_steps,
         );
         optimizer.update(&params, &grads, lr)?;
+        let exchange = Instant::now();
+        ranks.share_updates(&params, &partition)?;
+        if ranks.world_size() > 1 {
+            collective_seconds += exchange.elapsed().as_secs_f64();
+        }
         state.step += 1;
         state.micro_batch += micro_indices.len() as u64;
         let loss = loss_sum * scale;
@@ -832,15 +860,19 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         last_metrics = step_metrics;
 
         let stop = stops > 0.0;
-        if ranks.is_primary() && (state.step % opts.checkpoint_every.max(1) == 0 || stop) {
-            let path = save_checkpoint(
-                &opts.checkpoint_dir,
-                opts.checkpoint_keep.max(1),
-                &model,
-                &optimizer,
-                &state,
-            )?;
-            tracing::info!(step = state.step, path = %path.display(), "checkpoint written");
+        if state.step % opts.checkpoint_every.max(1) == 0 || stop {
+            // Every rank takes part (sharded moments come from their owners); rank 0
+            // writes.
+            if let Some(moments) = ranks.gather_moments(&optimizer, &params, &partition)? {
+                let path = save_checkpoint(
+                    &opts.checkpoint_dir,
+                    opts.checkpoint_keep.max(1),
+                    &model,
+                    &moments,
+                    &state,
+                )?;
+                tracing::info!(step = state.step, path = %path.display(), "checkpoint written");
+            }
         }
         if stop && state.step < total_steps {
             return Err(Error::Interrupted { step: state.step });
@@ -895,6 +927,7 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         adapter,
         metrics,
         collective_seconds,
+        optimizer_state_bytes: optimizer.state_bytes(),
         primary: ranks.is_primary(),
     };
     if summary.primary {

@@ -234,6 +234,79 @@ fn two_and_four_ranks_reach_the_weights_of_one_process_with_the_same_global_batc
     assert_same_run(d, "one-8", "four", 4);
 }
 
+/// The tensors of one safetensors file under `out`.
+fn tensors(dir: &Path, file: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(dir.join(file), &Device::Cpu).expect("a safetensors file")
+}
+
+fn assert_same_bits(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (name, t) in a {
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let values = t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+            values.expect("f32").into_iter().map(f32::to_bits).collect()
+        };
+        assert_eq!(bits(t), bits(&b[name]), "{what}: {name}");
+    }
+}
+
+#[test]
+fn sharded_optimizer_state_trains_the_same_bits_as_replicated_with_a_share_on_each_rank() {
+    let dir = setup();
+    let d = dir.path();
+    let run = Run {
+        batch: 3,
+        accum: 1,
+        steps: 4,
+    };
+    // A checkpoint at steps 2 and 4: the sharded run gathers its moments to rank 0.
+    let every = ["--checkpoint-every", "2"];
+    let sharded = finish(start_gang(d, "sharded", run, 2, &every));
+    assert_success(&sharded);
+    let replicated = [&every[..], &["--replicate-optimizer-state"]].concat();
+    let outputs = finish(start_gang(d, "replicated", run, 2, &replicated));
+    assert_success(&outputs);
+
+    // Each owner updates its parameters with the same arithmetic and sends the bits.
+    assert_same_bits(
+        &weights(d, "sharded"),
+        &weights(d, "replicated"),
+        "the trained weights",
+    );
+    let checkpoint =
+        |out: &str, file: &str| format!("{out}/checkpoints/checkpoint-00000004/{file}");
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        assert_same_bits(
+            &tensors(d, &checkpoint("sharded", file)),
+            &tensors(d, &checkpoint("replicated", file)),
+            file,
+        );
+    }
+    // Rank 0 kept its share of AdamW's two f32 moments per weight, not all of them.
+    let params: usize = TinyLlama::default()
+        .weights()
+        .expect("original weights")
+        .iter()
+        .map(|(_, t)| t.elem_count())
+        .sum();
+    let held = |out: &str| {
+        metrics(d, out)["optimizerStateBytes"]
+            .as_u64()
+            .expect("bytes")
+    };
+    assert_eq!(held("replicated"), 8 * params as u64);
+    let share = held("sharded");
+    println!(
+        "rank 0 of 2 holds {share} of {} optimizer bytes",
+        8 * params
+    );
+    assert!(
+        share > 0 && share < 8 * params as u64 * 3 / 4,
+        "rank 0 holds {share} of {} bytes",
+        8 * params
+    );
+}
+
 #[test]
 fn a_stop_on_one_rank_stops_the_gang_after_the_same_step_and_the_gang_resumes_from_it() {
     let dir = setup();
