@@ -21,7 +21,10 @@
 //!   of each, the seconds per step rank 0 spends in the gradient exchange (waiting for
 //!   the other ranks included) and the scaling efficiency
 //!   `tokens/s(N) / (N × tokens/s(1))`. Ranks beyond
-//!   the machine's cores share cores, which caps the efficiency at `cores / N`.
+//!   the machine's cores share cores, which caps the efficiency at `cores / N`. The
+//!   optimizer state is sharded across the ranks (the trainer's default); a last run on
+//!   2 ranks keeps it replicated, and rank 0's optimizer state and peak RSS of both
+//!   are reported side by side.
 //!
 //! It writes a random ~50M-parameter Llama (hidden 512, 10 blocks, 8 heads / 4 KV
 //! heads, MLP 1536, vocabulary 32000, tied embeddings) and a text dataset into a
@@ -189,9 +192,14 @@ fn method_options(root: &Path, args: &Args) -> TrainOptions {
             )
             .expect("the gang's environment");
             let world = gang.as_ref().map_or(1, |g| g.world_size);
-            opts.output_dir = root.join(format!("out-full-{world}"));
+            let replicate = std::env::var_os(REPLICATE).is_some();
+            let kind = if replicate { "replicated" } else { "sharded" };
+            opts.output_dir = root.join(format!("out-full-{world}-{kind}"));
             opts.checkpoint_dir = opts.output_dir.join("checkpoints");
-            opts.gang = gang;
+            opts.gang = gang.map(|gang| kubetune_trainer::parallel::Gang {
+                shard_optimizer_state: !replicate,
+                ..gang
+            });
         }
         other => panic!("--method {other}: expected lora, qlora, dpo or full"),
     }
@@ -343,7 +351,12 @@ fn full_model_spec() -> TinyLlama {
     }
 }
 
-/// `--method full`: data-parallel full fine-tuning on 1, 2 and 4 ranks.
+/// Set for a worker rank that keeps the whole optimizer state (the trainer's
+/// `--replicate-optimizer-state`).
+const REPLICATE: &str = "KUBETUNE_REPLICATE_OPTIMIZER_STATE";
+
+/// `--method full`: data-parallel full fine-tuning on 1, 2 and 4 ranks with the
+/// optimizer state sharded (the default), and on 2 with it replicated, for memory.
 fn bench_full(root: &Path, args: &Args) {
     let spec = full_model_spec();
     spec.write(&root.join("full-model")).expect("write model");
@@ -359,7 +372,7 @@ fn bench_full(root: &Path, args: &Args) {
     let exe = std::env::current_exe().expect("own path");
     let mut single = 0.0;
     let mut lines = Vec::new();
-    for ranks in [1usize, 2, 4] {
+    for (ranks, sharded) in [(1usize, true), (2, true), (4, true), (2, false)] {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -377,6 +390,9 @@ fn bench_full(root: &Path, args: &Args) {
                     .env("KUBETUNE_RANK", rank.to_string())
                     .env("KUBETUNE_RENDEZVOUS", format!("127.0.0.1:{port}"))
                     .stdout(Stdio::piped());
+                if !sharded {
+                    worker.env(REPLICATE, "true");
+                }
                 worker.spawn().expect("a rank starts")
             })
             .collect();
@@ -395,9 +411,20 @@ fn bench_full(root: &Path, args: &Args) {
         let efficiency = tps / (ranks as f64 * single);
         let step = zero["step_s"].as_f64().expect("step_s");
         let exchange = zero["collective_s_per_step"].as_f64().unwrap_or(0.0);
+        let state = zero["optimizer_state_mib"]
+            .as_f64()
+            .expect("optimizer_state_mib");
+        let rss = zero["peak_rss_mib"].as_f64().expect("peak_rss_mib");
+        let plural = if ranks == 1 { "rank" } else { "ranks" };
+        let state_kind = if ranks == 1 {
+            ""
+        } else if sharded {
+            " sharded"
+        } else {
+            " replicated"
+        };
         let line = format!(
-            "{ranks} rank{}: {tps:>7.0} tokens/s, {step:.2} s per step ({exchange:.2} s in the gradient exchange), efficiency {efficiency:.2}{}",
-            if ranks == 1 { " " } else { "s" },
+            "{ranks} {plural}{state_kind}: {tps:>7.0} tokens/s, {step:.2} s per step ({exchange:.2} s exchanging), efficiency {efficiency:.2}; rank 0: {state:.1} MiB optimizer state, {rss:.0} MiB peak RSS{}",
             if ranks > cores {
                 format!(" ({ranks} ranks on {cores} cores: oversubscribed)")
             } else {
@@ -406,9 +433,23 @@ fn bench_full(root: &Path, args: &Args) {
         );
         eprintln!("{line}");
         lines.push(line);
-        let plural = if ranks == 1 { "rank" } else { "ranks" };
+        if !sharded {
+            // The same gang keeping the whole state on every rank: memory, for the
+            // comparison with the sharded run above.
+            report["full_ft_replicated_optimizer_state_mib_rank0_2_ranks"] = state.into();
+            report["full_ft_replicated_peak_rss_mib_rank0_2_ranks"] = rss.into();
+            report["full_ft_replicated_tokens_per_s_2_ranks"] = tps.into();
+            let sharded_state = report["full_ft_optimizer_state_mib_rank0_2_ranks"]
+                .as_f64()
+                .expect("the sharded 2-rank run came first");
+            report["optimizer_state_sharded_vs_replicated_2_ranks_ratio"] =
+                (sharded_state / state).into();
+            continue;
+        }
         report[format!("full_ft_tokens_per_s_{ranks}_{plural}")] = tps.into();
         report[format!("full_ft_step_s_{ranks}_{plural}")] = step.into();
+        report[format!("full_ft_optimizer_state_mib_rank0_{ranks}_{plural}")] = state.into();
+        report[format!("full_ft_peak_rss_mib_rank0_{ranks}_{plural}")] = rss.into();
         if ranks > 1 {
             report[format!("scaling_efficiency_{ranks}_ranks_ratio")] = efficiency.into();
             report[format!("full_ft_exchange_s_per_step_{ranks}_ranks")] = exchange.into();
@@ -675,6 +716,8 @@ fn main() {
                 "tokens_per_s": summary.tokens_per_second,
                 "step_s": tokens_per_step / summary.tokens_per_second,
                 "collective_s_per_step": summary.collective_seconds / summary.steps.max(1) as f64,
+                "optimizer_state_mib": mib(summary.optimizer_state_bytes as f64),
+                "peak_rss_mib": peak_rss_mib(std::process::id()),
             })
         );
         return;

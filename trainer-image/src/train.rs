@@ -167,8 +167,9 @@ pub struct RunSummary {
     /// `eval_`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, f64>,
-    /// Data-parallel runs: seconds of the last attempt this rank spent in the gradient
-    /// exchange, waiting for slower ranks included.
+    /// Data-parallel runs: seconds of the last attempt this rank spent exchanging
+    /// gradients (and, with sharded optimizer state, updated weights), waiting for
+    /// slower ranks included.
     #[serde(skip_serializing_if = "is_zero")]
     pub collective_seconds: f64,
     /// Bytes of optimizer state (AdamW's moments) this rank held: all of it alone or
@@ -657,6 +658,7 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         &partition.owned_by(ranks.rank()),
     )?;
     if ranks.world_size() > 1 {
+        // Two f32 moments a weight.
         let all: usize = params.iter().map(|p| 2 * 4 * p.elem_count()).sum();
         tracing::info!(
             rank = ranks.rank(),
