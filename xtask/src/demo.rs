@@ -60,7 +60,8 @@ fn smollm2(root: &Path) -> Result<PathBuf> {
     if !gguf.is_file() {
         fetch_gguf(&gguf)?;
     }
-    // The static release trainer `images::build` just built.
+    // The release trainer `images::build` just built (dynamic: it loads this machine's
+    // libgloo, which that build installed).
     let trainer = images::release_binary(root, "kubetune-trainer");
     ensure!(
         trainer.is_file(),

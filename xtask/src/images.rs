@@ -1,19 +1,22 @@
 //! `cargo xtask images`: the operator and (CPU) trainer images, built with no registry
 //! and no Docker engine.
 //!
-//! The binaries are built static (`-C target-feature=+crt-static` on the gnu target,
-//! since the musl target's std cannot be downloaded here), checked to have no ELF
-//! interpreter, and each is copied into a `FROM scratch` image with buildah, which
-//! runs nothing inside the image and so needs no user namespaces or overlay mounts:
-//! its own storage under the cache, with the vfs driver. Each image is saved as an OCI
-//! archive in `${KUBETUNE_CACHE:-~/.cache/kubetune}/images/`, named
+//! Each image is `FROM scratch`: its binaries and exactly what they load at run time.
+//! The operator's release binary is static (`-C target-feature=+crt-static` on the gnu
+//! target, since the musl target's std cannot be downloaded here), checked to have no
+//! ELF interpreter, and goes in alone. The trainer is built with Gloo
+//! (`kubetune-trainer/gloo`) so that a gang of ranks can train data-parallel; Debian
+//! ships libgloo only as a shared library, which a crt-static binary cannot link, so the
+//! trainer is dynamic and goes in with the libraries `ldd` says it loads (glibc,
+//! libstdc++, libgloo and what libgloo needs) and the dynamic loader, each where the
+//! binary looks for it. The dev images (`--dev`: the test build's debug binaries) are
+//! all made that way. buildah assembles the images: it runs nothing inside them and so
+//! needs no user namespaces or overlay mounts: its own storage under the cache, with
+//! the vfs driver. Each image is saved as an OCI archive in
+//! `${KUBETUNE_CACHE:-~/.cache/kubetune}/images/`, named
 //! `docker.io/kubetune/<name>:<version>` (what the chart's default image references
 //! resolve to), ready for `ctr -n k8s.io images import` or `podman load`. The images
 //! run as 65532:65532, the user the chart and the trainer pods' securityContext name.
-//! `getrandom_backend="linux_getrandom"` makes the getrandom crate call getrandom(2)
-//! directly: its default looks the function up with dlsym, which finds nothing in a
-//! static binary, and then falls back to `/dev/urandom`, which a scratch image lacks
-//! outside a container runtime.
 //!
 //! Registry builds use the Containerfiles instead (operator/Containerfile,
 //! trainer-image/Containerfile and, for GPUs, trainer-image/Containerfile.cuda).
@@ -23,19 +26,38 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail, ensure};
 
-/// The target the static binaries are built for.
+/// The target the static binaries are built for: naming it keeps crt-static off the
+/// build scripts and proc macros, which run on this machine.
 const TARGET: &str = "x86_64-unknown-linux-gnu";
-/// Static binaries that need nothing from the image (see the module docs).
-const RUSTFLAGS: &str = "-C target-feature=+crt-static --cfg getrandom_backend=\"linux_getrandom\"";
+/// Static binaries that need nothing from the image. `getrandom_backend="linux_getrandom"`
+/// makes the getrandom crate call getrandom(2) directly: its default looks the function
+/// up with dlsym, which finds nothing in a static binary, and then falls back to
+/// `/dev/urandom`, which a scratch image lacks outside a container runtime. The dynamic
+/// builds need neither flag: dlsym finds getrandom in the libc.so.6 that goes into the
+/// image with them.
+const STATIC_RUSTFLAGS: &str =
+    "-C target-feature=+crt-static --cfg getrandom_backend=\"linux_getrandom\"";
 /// The user and group the images run as (distroless' "nonroot").
 const USER: &str = "65532:65532";
+/// Debian packages the builds need, each with a file that shows it is installed:
+/// buildah assembles the images; the trainer's Gloo shim is compiled with g++ and
+/// linked against libgloo-dev's libgloo.so (whose libgloo.so.0 goes into the image).
+const PACKAGES: [(&str, &str); 3] = [
+    ("buildah", "/usr/bin/buildah"),
+    ("libgloo-dev", "/usr/include/gloo/allreduce.h"),
+    ("g++", "/usr/bin/g++"),
+];
 
-/// One image: static binaries from a workspace package, the first its entrypoint.
+/// One image: binaries from a workspace package, the first its entrypoint.
 struct Image {
     /// The image's repository, tagged with the workspace version.
     repository: &'static str,
     package: &'static str,
     binaries: &'static [&'static str],
+    /// Cargo features the binaries are built with.
+    features: &'static [&'static str],
+    /// How the release binaries are linked (the dev images' are all dynamic).
+    release_linking: Linking,
     /// What the image is, for its OCI description label.
     description: &'static str,
 }
@@ -45,6 +67,8 @@ const IMAGES: [Image; 2] = [
         repository: "kubetune/operator",
         package: "kubetune-operator",
         binaries: &["kubetune-operator"],
+        features: &[],
+        release_linking: Linking::Static,
         description: "The kubetune operator.",
     },
     Image {
@@ -52,21 +76,26 @@ const IMAGES: [Image; 2] = [
         package: "kubetune-trainer",
         // The adapter server ships beside the trainer, as in trainer-image/Containerfile.
         binaries: &["kubetune-trainer", "kubetune-serve"],
-        description: "The kubetune trainer and adapter server, CPU build.",
+        // Data-parallel training across the gang's ranks; libgloo is shared only.
+        features: &[crate::GLOO],
+        release_linking: Linking::Dynamic,
+        description: "The kubetune trainer (with Gloo for data-parallel training) and \
+                      adapter server, CPU build.",
     },
 ];
 
 const USAGE: &str = "usage: cargo xtask images [--dev]
 
-Builds static release binaries of the operator and the trainer (CPU) and saves
-kubetune/operator:VERSION and kubetune/trainer:VERSION as OCI archives in
-${KUBETUNE_CACHE:-~/.cache/kubetune}/images/. Needs buildah (Debian: apt-get install buildah).
+Builds release binaries of the operator (static) and the trainer (CPU, with Gloo for
+data-parallel training, so dynamically linked) and saves kubetune/operator:VERSION and
+kubetune/trainer:VERSION as OCI archives in ${KUBETUNE_CACHE:-~/.cache/kubetune}/images/,
+each FROM scratch with its binaries and the shared libraries they load. Installs
+buildah, libgloo-dev and g++ from Debian when missing (as root).
 Cargo's target directory is CARGO_TARGET_DIR when set.
 
-  --dev  images of the debug binaries instead (tag VERSION-dev; the trainer with
-         Gloo), with the shared libraries they load: what `cargo xtask test` runs on
-         the real node, built from the test build's artifacts instead of a second,
-         release build";
+  --dev  images of the debug binaries instead (tag VERSION-dev), with the shared
+         libraries they load: what `cargo xtask test` runs on the real node, built from
+         the test build's artifacts instead of a second, release build";
 
 /// `cargo xtask images [help]`.
 pub fn run(root: &Path, args: &[&str]) -> Result<()> {
@@ -96,75 +125,112 @@ pub(crate) fn build_dev(root: &Path) -> Result<Vec<PathBuf>> {
 /// Which binaries an image holds and how they were built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// Static release binaries, alone in the image.
+    /// Release binaries, linked as each image's `release_linking` says.
     Release,
-    /// Debug binaries with the shared libraries they load.
+    /// Debug binaries, all dynamic.
     Dev,
 }
 
+/// How an image's binaries are linked, which decides what else goes into the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Linking {
+    /// crt-static, no ELF interpreter: the binaries alone.
+    Static,
+    /// The binaries with the shared libraries and the loader they need.
+    Dynamic,
+}
+
+impl Kind {
+    fn linking(self, image: &Image) -> Linking {
+        match self {
+            Kind::Release => image.release_linking,
+            Kind::Dev => Linking::Dynamic,
+        }
+    }
+
+    fn version(self) -> String {
+        match self {
+            Kind::Release => env!("CARGO_PKG_VERSION").to_owned(),
+            Kind::Dev => format!("{}-dev", env!("CARGO_PKG_VERSION")),
+        }
+    }
+
+    /// Where cargo leaves the binaries of this kind and linking.
+    fn binaries_dir(self, target_dir: &Path, linking: Linking) -> PathBuf {
+        match (self, linking) {
+            (Kind::Release, Linking::Static) => target_dir.join(TARGET).join("release"),
+            (Kind::Release, Linking::Dynamic) => target_dir.join("release"),
+            (Kind::Dev, _) => target_dir.join("debug"),
+        }
+    }
+}
+
 fn build_images(root: &Path, kind: Kind) -> Result<Vec<PathBuf>> {
-    ensure!(
-        Command::new("buildah").arg("--version").output().is_ok(),
-        "buildah is not installed (Debian: apt-get install buildah)"
-    );
+    crate::debian::install_missing(&PACKAGES, "`cargo xtask images`")?;
     let cache = cache_dir()?;
     let out = cache.join("images");
     std::fs::create_dir_all(&out).with_context(|| format!("failed to create {}", out.display()))?;
-    let target_dir =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let mut cargo = crate::cargo();
-    let (version, binaries_dir) = match kind {
+    match kind {
         Kind::Release => {
-            cargo
-                .args([
-                    "build",
-                    "--release",
-                    "--locked",
-                    "--target",
-                    TARGET,
-                    "--bins",
-                ])
-                .env("RUSTFLAGS", RUSTFLAGS);
-            for image in &IMAGES {
-                cargo.args(["-p", image.package]);
+            // One build per linking: crt-static is a flag for the whole build.
+            for linking in [Linking::Static, Linking::Dynamic] {
+                let mut cargo = crate::cargo();
+                cargo.args(["build", "--release", "--locked", "--bins"]);
+                for image in IMAGES
+                    .iter()
+                    .filter(|image| image.release_linking == linking)
+                {
+                    cargo.args(["-p", image.package]);
+                    for feature in image.features {
+                        cargo.args(["--features", feature]);
+                    }
+                }
+                let what = match linking {
+                    Linking::Static => {
+                        cargo
+                            .args(["--target", TARGET])
+                            .env("RUSTFLAGS", STATIC_RUSTFLAGS);
+                        "cargo build (release, static)"
+                    }
+                    // No flags, so no --target: it builds where `cargo build --release`
+                    // does.
+                    Linking::Dynamic => "cargo build (release, dynamic)",
+                };
+                crate::step(what, &mut cargo)?;
             }
-            crate::step("cargo build (static, release)", &mut cargo)?;
-            (
-                env!("CARGO_PKG_VERSION").to_owned(),
-                target_dir.join(TARGET).join("release"),
-            )
         }
         Kind::Dev => {
             // The whole workspace with the test build's features, so that features
             // unify as in `cargo test --workspace` and the test build reuses these
-            // artifacts; the trainer's Gloo comes with it, and ldd brings libgloo.
+            // artifacts; the trainer's Gloo comes with it.
+            let mut cargo = crate::cargo();
             cargo.args(["build", "--workspace", "--bins", "--features", crate::GLOO]);
             crate::step(
                 "cargo build (debug binaries for the dev images)",
                 &mut cargo,
             )?;
-            (
-                format!("{}-dev", env!("CARGO_PKG_VERSION")),
-                target_dir.join("debug"),
-            )
         }
-    };
+    }
+    let target_dir = target_dir(root);
+    let version = kind.version();
     let buildah = Buildah::in_cache(&cache);
     let mut archives = Vec::new();
     for image in &IMAGES {
+        let linking = kind.linking(image);
+        let binaries_dir = kind.binaries_dir(&target_dir, linking);
         let binaries: Vec<PathBuf> = image
             .binaries
             .iter()
             .map(|binary| binaries_dir.join(binary))
             .collect();
         let mut files = in_image(&binaries, image.binaries);
-        match kind {
-            Kind::Release => {
+        match linking {
+            Linking::Static => {
                 for binary in &binaries {
                     ensure_static(binary)?;
                 }
             }
-            Kind::Dev => {
+            Linking::Dynamic => {
                 for library in shared_libraries(&binaries)? {
                     // Where the binary looks for it, with the content of what it links
                     // to (/lib64/ld-linux-x86-64.so.2 is a link on Debian).
@@ -282,13 +348,20 @@ impl Image {
     }
 }
 
-/// A static release binary `build` made.
+/// A release binary `build` made, by its name.
 pub(crate) fn release_binary(root: &Path, name: &str) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), PathBuf::from)
-        .join(TARGET)
-        .join("release")
+    let image = IMAGES
+        .iter()
+        .find(|image| image.binaries.contains(&name))
+        .expect("callers name a binary of one of the images");
+    Kind::Release
+        .binaries_dir(&target_dir(root), image.release_linking)
         .join(name)
+}
+
+/// Cargo's target directory.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
 }
 
 pub(crate) fn cache_dir() -> Result<PathBuf> {
@@ -457,6 +530,25 @@ mod tests {
             Some(false)
         );
         assert_eq!(has_interpreter(b"#!/bin/sh\n"), None);
+    }
+
+    #[test]
+    fn the_release_trainer_has_gloo_and_is_dynamic_while_the_operator_stays_static() {
+        let [operator, trainer] = &IMAGES;
+        assert_eq!(operator.release_linking, Linking::Static);
+        assert_eq!(trainer.release_linking, Linking::Dynamic);
+        assert_eq!(trainer.features, [crate::GLOO]);
+        // The static build names its target; the dynamic one builds where
+        // `cargo build --release` does, which is where the demo runs the trainer from.
+        let target = Path::new("target");
+        assert_eq!(
+            Kind::Release.binaries_dir(target, Linking::Static),
+            Path::new("target/x86_64-unknown-linux-gnu/release")
+        );
+        assert_eq!(
+            Kind::Release.binaries_dir(target, Linking::Dynamic),
+            Path::new("target/release")
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@
 mod bench;
 mod cluster;
 mod crds;
+mod debian;
 mod demo;
 mod images;
 
@@ -47,8 +48,9 @@ commands:
   bench rollout [--max-unavailable N]
                    an adapter change across 10 replicas with real kubetune-serve
                    servers: time until every replica serves the new version, verified
-  images           static operator and trainer (CPU) images as OCI archives in
-                   ~/.cache/kubetune/images/, with buildah; no registry or engine
+  images           the operator (static) and trainer (CPU, with Gloo) images as
+                   OCI archives in ~/.cache/kubetune/images/, FROM scratch with
+                   buildah; no registry or engine
   demo             kubetune's whole job on the local cluster's real node: SmolLM2
                    imported from GGUF, a LoRA FineTuneJob with live progress, an
                    AdapterDeployment over two kubetune-serve replicas, and the base
@@ -137,7 +139,7 @@ fn step(what: &str, command: &mut Command) -> Result<()> {
 }
 
 /// The trainer's data-parallel training and its tests need Gloo (Debian's libgloo-dev,
-/// which `.ci/run` installs); the static images are built without it.
+/// which `.ci/run` and `cargo xtask images` install); the trainer images have it too.
 pub(crate) const GLOO: &str = "kubetune-trainer/gloo";
 
 fn test() -> Result<()> {

@@ -100,7 +100,7 @@ fn is_root() -> bool {
 
 /// Installs what is missing from Debian, picks the node's address and ports.
 pub fn prepare() -> Result<Node> {
-    install_packages()?;
+    crate::debian::install_missing(&PACKAGES, "the real node")?;
     let ip = node_ip()?;
     Ok(Node {
         ip,
@@ -110,52 +110,6 @@ pub fn prepare() -> Result<Node> {
         proxy_metrics_port: components::free_port()?,
         sysctls: Vec::new(),
     })
-}
-
-fn install_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .filter(|(_, file)| !Path::new(file).exists())
-        .map(|(package, _)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!(
-        "==> installing the real node's packages from Debian: {}",
-        missing.join(" ")
-    );
-    // Debian starts daemons from their maintainer scripts unless policy-rc.d says no;
-    // ours run as the cluster's own processes instead.
-    let policy = Path::new("/usr/sbin/policy-rc.d");
-    let ours = !policy.exists();
-    if ours {
-        std::fs::write(policy, "#!/bin/sh\nexit 101\n")
-            .with_context(|| format!("failed to write {}", policy.display()))?;
-        set_mode(policy, 0o755)?;
-    }
-    let installed = apt(&["update", "-qq"]).and_then(|()| {
-        let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
-        args.extend(&missing);
-        apt(&args)
-    });
-    if ours {
-        let _ = std::fs::remove_file(policy);
-    }
-    installed
-}
-
-fn apt(args: &[&str]) -> Result<()> {
-    let status = Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .stdin(Stdio::null())
-        .status()
-        .context("failed to run apt-get (the real node's packages come from Debian)")?;
-    if !status.success() {
-        bail!("apt-get {} failed ({status})", args.join(" "));
-    }
-    Ok(())
 }
 
 /// The first global IPv4 address of the interface the default route leaves by, else
