@@ -67,6 +67,19 @@ pub enum Error {
     #[error("{0}")]
     Collective(String),
 
+    /// The GPU a CUDA build trains on could not be opened: no device in the pod, or a
+    /// driver error. Retryable: another pod may land on a working node. A CUDA build
+    /// never falls back to the CPU, where it would train orders of magnitude slower.
+    #[error(
+        "failed to open CUDA device {ordinal} (this trainer is built for NVIDIA GPUs): {source}"
+    )]
+    Device {
+        /// The device's index.
+        ordinal: usize,
+        /// The driver's error.
+        source: candle_core::Error,
+    },
+
     /// Serving progress over HTTP failed.
     #[error("failed to serve progress on {addr}: {source}")]
     Serve {
@@ -97,6 +110,7 @@ impl Error {
             Self::Tokenizer(_) => "Tokenizer",
             Self::Interrupted { .. } => "Interrupted",
             Self::Collective(_) => "Collective",
+            Self::Device { .. } => "Device",
             Self::Serve { .. } => "Serve",
         }
     }

@@ -22,12 +22,14 @@ use crate::nf4::{Nf4Weight, nf4_linear};
 use crate::ops::{causal_softmax, cross_entropy_rows, frozen_linear, linear, rms_norm, rope};
 use crate::rng::Rng;
 
-/// The device the trainer computes on: the first CUDA GPU with the `cuda` feature,
-/// the CPU otherwise.
+/// The device the trainer computes on: the first CUDA GPU with the `cuda` feature (an
+/// error when it cannot be opened), the CPU otherwise.
 pub fn default_device() -> Result<Device> {
     #[cfg(feature = "cuda")]
     {
-        Ok(Device::cuda_if_available(0)?)
+        // Not `Device::cuda_if_available`: with the feature on it never falls back to the
+        // CPU either, and its error would read as a failed tensor operation.
+        Device::new_cuda(0).map_err(|source| Error::Device { ordinal: 0, source })
     }
     #[cfg(not(feature = "cuda"))]
     {
