@@ -68,7 +68,8 @@
 //! # Devices
 //! CPU by default, in f32. The `cuda` cargo feature builds candle's CUDA backend (it
 //! needs nvcc and `CUDA_COMPUTE_CAP` at build time) and trains on GPU 0 in bf16, with
-//! the adapters and optimizer state in f32. Such a build never falls back to the CPU: it
+//! the adapters, full fine-tuning's master weights and gradients, and the optimizer
+//! state in f32 (mixed precision; tested on the CPU, which can compute in bf16 too). Such a build never falls back to the CPU: it
 //! needs the driver's `libcuda.so.1` to start at all, and without a usable GPU it exits
 //! 1 with "failed to open CUDA device 0". `check-cuda-build.sh` compiles it without a
 //! GPU or a CUDA install.

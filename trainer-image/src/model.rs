@@ -19,7 +19,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::{AdapterPairs, DropoutKey, LoraPair, LoraSettings, dropout_mask};
 use crate::nf4::{Nf4Weight, nf4_linear};
-use crate::ops::{causal_softmax, cross_entropy_rows, frozen_linear, linear, rms_norm, rope};
+use crate::ops::{causal_softmax, cross_entropy_rows, linear, rms_norm, rope};
 use crate::rng::Rng;
 
 /// The device the trainer computes on: the first CUDA GPU with the `cuda` feature (an
@@ -58,6 +58,10 @@ pub enum BaseFormat {
         /// Quantize the block maxima too.
         double_quant: bool,
     },
+    /// Every weight loaded in f32, to become the trainable master weights of full
+    /// fine-tuning ([`Llama::make_trainable`]); forward passes still compute in the
+    /// compute dtype.
+    Master,
 }
 
 /// A linear layer's base weight (cloning shares it).
@@ -108,7 +112,7 @@ impl Linear {
             BaseWeight::Nf4(q) => nf4_linear(x, q)?,
         };
         if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
+            y = y.broadcast_add(&bias.to_dtype(y.dtype())?)?;
         }
         let Some(pair) = self.lora.as_ref().filter(|_| pass.adapters) else {
             return Ok(y);
@@ -349,11 +353,25 @@ impl Llama {
         Self::load_as(model_dir, device, BaseFormat::Frozen)
     }
 
-    /// Loads a checkpoint directory with the base linear weights held as `format`.
+    /// Loads a checkpoint directory with the base linear weights held as `format`, to
+    /// compute in the device's dtype ([`compute_dtype`]).
     pub fn load_as(model_dir: &Path, device: &Device, format: BaseFormat) -> Result<Self> {
+        Self::load_in(model_dir, device, format, compute_dtype(device))
+    }
+
+    /// [`Self::load_as`], computing in `dtype` (f32 or bf16).
+    pub fn load_in(
+        model_dir: &Path,
+        device: &Device,
+        format: BaseFormat,
+        dtype: DType,
+    ) -> Result<Self> {
         let config = ModelConfig::load(model_dir)?;
-        let dtype = compute_dtype(device);
-        let w = Weights::open(model_dir, dtype, device)?;
+        let stored = match format {
+            BaseFormat::Master => DType::F32,
+            BaseFormat::Frozen | BaseFormat::Nf4 { .. } => dtype,
+        };
+        let w = Weights::open(model_dir, stored, device)?;
         let h = config.hidden_size;
         let inter = config.intermediate_size;
         let hd = config.head_dim();
@@ -367,7 +385,7 @@ impl Llama {
                 |name: &str, module, out: usize, inp: usize, bias: bool| -> Result<Linear> {
                     let dense = w.get(&format!("{p}.{name}.weight"), &[out, inp])?;
                     let weight = match format {
-                        BaseFormat::Frozen => BaseWeight::Dense(dense),
+                        BaseFormat::Frozen | BaseFormat::Master => BaseWeight::Dense(dense),
                         BaseFormat::Nf4 { double_quant } => {
                             BaseWeight::Nf4(Arc::new(Nf4Weight::quantize(&dense, double_quant)?))
                         }
@@ -421,9 +439,12 @@ impl Llama {
         })
     }
 
-    /// Makes every weight trainable (full fine-tuning): each becomes an f32 [`Var`]
-    /// that forward passes differentiate through with ordinary matmuls. Adapters are
-    /// not allowed alongside. Activations become f32 too.
+    /// Makes every weight trainable (full fine-tuning): each becomes an f32 [`Var`], the
+    /// master weight, that forward passes cast to the compute dtype at each use and
+    /// differentiate through with ordinary matmuls (mixed precision: bf16 compute with
+    /// f32 master weights and gradients on GPUs, f32 throughout on CPUs). Load with
+    /// [`BaseFormat::Master`] so the masters keep the checkpoint's precision. Adapters
+    /// are not allowed alongside.
     pub fn make_trainable(&mut self) -> Result<()> {
         if self.blocks.iter().any(|b| {
             b.linears()
@@ -465,7 +486,6 @@ impl Llama {
             make(head, "lm_head.weight".into())?;
         }
         self.full = full;
-        self.dtype = DType::F32;
         Ok(())
     }
 
@@ -604,7 +624,10 @@ impl Llama {
     /// Token embeddings `[batch, seq, hidden]` of `ids` (`[batch, seq]`, u32).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let flat = self.embed.index_select(&ids.flatten_all()?, 0)?;
+        let flat = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(self.dtype)?;
         Ok(flat.reshape((b, t, self.config.hidden_size))?)
     }
 
@@ -729,7 +752,7 @@ impl Llama {
     pub fn head_logits(&self, h: &Tensor) -> Result<Tensor> {
         let normed = rms_norm(h, &self.norm, self.config.rms_norm_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(frozen_linear(&normed, head)?.to_dtype(DType::F32)?)
+        Ok(linear(&normed, head)?.to_dtype(DType::F32)?)
     }
 }
 

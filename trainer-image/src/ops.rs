@@ -92,17 +92,21 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 }
 
 /// `x · Wᵀ` over the last dimension of `x`: through [`frozen_linear`] for a frozen
-/// weight, an ordinary (weight-differentiating) matmul for a trainable one.
+/// weight, an ordinary (weight-differentiating) matmul for a trainable one, in `x`'s
+/// dtype: a trainable f32 master weight is cast to it (bf16 on GPUs), and its gradient
+/// flows back through the cast in f32.
 pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if !weight.is_variable() {
-        return frozen_linear(x, weight);
+        return frozen_linear(x, &weight.to_dtype(x.dtype())?);
     }
     let dims = x.dims();
     let (last, lead) = dims
         .split_last()
         .expect("linear input has at least one dim");
     let rows: usize = lead.iter().product();
-    let y = x.reshape((rows, *last))?.matmul(&weight.t()?)?;
+    let y = x
+        .reshape((rows, *last))?
+        .matmul(&weight.to_dtype(x.dtype())?.t()?)?;
     let mut out_shape = lead.to_vec();
     out_shape.push(weight.dim(0)?);
     Ok(y.reshape(out_shape)?)
@@ -320,13 +324,15 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// RMSNorm in f32, `x / sqrt(mean(x²) + eps) · w`, cast back to `x`'s dtype.
+/// RMSNorm in f32, `x / sqrt(mean(x²) + eps) · w`, in `x`'s dtype (`w` cast to it).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = xf.broadcast_div(&(ms + eps)?.sqrt()?)?;
-    Ok(normed.to_dtype(dtype)?.broadcast_mul(weight)?)
+    Ok(normed
+        .to_dtype(dtype)?
+        .broadcast_mul(&weight.to_dtype(dtype)?)?)
 }
 
 /// Softmax over the last dimension. The max is detached: softmax does not depend on

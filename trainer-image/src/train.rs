@@ -71,7 +71,8 @@ impl MethodOptions {
     pub fn base_format(self) -> BaseFormat {
         match self {
             Self::Qlora { double_quant } => BaseFormat::Nf4 { double_quant },
-            _ => BaseFormat::Frozen,
+            Self::Full { .. } => BaseFormat::Master,
+            Self::Lora | Self::Dpo(_) => BaseFormat::Frozen,
         }
     }
 }

@@ -4,13 +4,14 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use kubetune_crds::training::{DatasetFormat, Scheduler, TargetModule};
 use kubetune_trainer::cli::{EvalArgs, FormatArg, run_eval};
 use kubetune_trainer::data::{load_dataset, make_batch};
 use kubetune_trainer::error::Error;
 use kubetune_trainer::lora::LoraSettings;
-use kubetune_trainer::model::{Llama, Pass};
+use kubetune_trainer::model::{BaseFormat, Llama, Pass};
+use kubetune_trainer::optim::{AdamW, AdamWConfig};
 use kubetune_trainer::rng::Rng;
 use kubetune_trainer::test_support::{
     TinyLlama, max_abs, max_abs_diff, memorisable_chats, write_jsonl,
@@ -133,6 +134,85 @@ fn every_weight_gets_a_gradient_matching_finite_differences_with_and_without_rec
             );
         }
     }
+}
+
+/// Cosine similarity of two tensors' values.
+fn cosine(a: &Tensor, b: &Tensor) -> f64 {
+    let values = |t: &Tensor| -> Vec<f64> {
+        let flat = t.flatten_all().and_then(|t| t.to_dtype(DType::F32));
+        let flat = flat.and_then(|t| t.to_vec1::<f32>()).expect("f32 values");
+        flat.into_iter().map(f64::from).collect()
+    };
+    let (a, b) = (values(a), values(b));
+    let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (norm(&a) * norm(&b)).max(f64::MIN_POSITIVE)
+}
+
+#[test]
+fn mixed_precision_computes_in_bf16_with_f32_master_weights_and_gradients() {
+    // What the GPU does (bf16 compute), on the CPU, against f32 throughout.
+    let dir = setup(TinyLlama {
+        tie_embeddings: true,
+        ..TinyLlama::default()
+    });
+    let model_dir = dir.path().join("model");
+    let load = |dtype| {
+        let mut model =
+            Llama::load_in(&model_dir, &Device::Cpu, BaseFormat::Master, dtype).expect("load");
+        model.make_trainable().expect("trainable");
+        model
+    };
+    let (f32_model, bf16_model) = (load(DType::F32), load(DType::BF16));
+    let tokenizer = TextTokenizer::load(&model_dir, &f32_model.config).expect("tokenizer");
+    let examples = load_dataset(
+        &dir.path().join("train.jsonl"),
+        DatasetFormat::Chat,
+        &tokenizer,
+        64,
+    )
+    .expect("data");
+    let refs: Vec<_> = examples.iter().take(4).collect();
+    let batch = make_batch(&refs, tokenizer.pad_id, &Device::Cpu).expect("batch");
+    let step = |model: &Llama| {
+        let params: Vec<&Var> = model.full_params().into_iter().map(|(_, v)| v).collect();
+        forward_backward(model, &batch, &params, 1.0, Pass::EVAL, false).expect("step")
+    };
+    let (loss32, grads32) = step(&f32_model);
+    let (loss16, grads16) = step(&bf16_model);
+    assert!(
+        (loss16 - loss32).abs() <= 1e-2 * loss32.abs(),
+        "bf16 loss {loss16} vs f32 {loss32}"
+    );
+    let mut lowest = 1.0f64;
+    for (((key, var), g32), g16) in bf16_model.full_params().iter().zip(&grads32).zip(&grads16) {
+        // The masters and their gradients stay f32; only the arithmetic is bf16.
+        assert_eq!(var.dtype(), DType::F32, "{key}");
+        assert_eq!(g16.dtype(), DType::F32, "{key}");
+        let similarity = cosine(g16, g32);
+        assert!(similarity > 0.99, "{key}: gradient cosine {similarity}");
+        lowest = lowest.min(similarity);
+    }
+
+    // It learns: a few AdamW steps on the bf16-computed gradients lower the loss.
+    let params: Vec<&Var> = bf16_model
+        .full_params()
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let mut optimizer = AdamW::new(AdamWConfig::default(), &params).expect("adamw");
+    let first = loss16;
+    let mut last = first;
+    for _ in 0..10 {
+        let (loss, grads) = step(&bf16_model);
+        optimizer.update(&params, &grads, 3e-3).expect("update");
+        last = loss;
+    }
+    println!(
+        "bf16 compute: loss {loss16} (f32: {loss32}), lowest gradient cosine {lowest}, \
+         loss after 10 steps {first} -> {last}"
+    );
+    assert!(last < 0.8 * first, "loss {first} -> {last}");
 }
 
 fn eval_of(model_dir: &Path, data: &Path) -> f64 {
