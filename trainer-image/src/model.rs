@@ -720,8 +720,81 @@ impl Llama {
     /// hidden]`, the last block's output) predicting `targets` at the flattened
     /// positions `rows`. Only those rows go through the final norm and the LM head, so
     /// prompt and padding positions cost nothing.
+    ///
+    /// On the CPU the fused cross-entropy keeps one `[rows, vocab]` tensor for backward;
+    /// elsewhere [`Self::head_loss_sum_chunked`] keeps none.
     pub fn head_loss_sum(&self, h: &Tensor, rows: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        Ok(self.head_loss_rows(h, rows, targets)?.sum_all()?)
+        if h.device().is_cpu() {
+            return Ok(self.head_loss_rows(h, rows, targets)?.sum_all()?);
+        }
+        self.head_loss_sum_chunked(h, rows, targets, HEAD_CHUNK_ROWS)
+    }
+
+    /// [`Self::head_loss_sum`] that never holds more than `chunk` rows of logits: the
+    /// logits, their softmax and the loss's gradient with respect to them are computed
+    /// chunk by chunk outside the autograd graph, which is handed only what backward
+    /// needs — the gradients `(softmax − onehot)·W` for the rows' final-norm outputs
+    /// and, when the LM head trains, `Σ (softmax − onehot)ᵀ·x` for its weight — through
+    /// a term that adds zero to the loss and exactly those gradients to backward. A
+    /// composed cross-entropy keeps several f32 `[rows, vocab]` tensors until backward
+    /// (8 GB each for 16k rows of a 128k vocabulary). Exact for a summed loss, whose
+    /// every row's gradient has the same weight; DPO's per-row log-probabilities use
+    /// [`Self::head_loss_rows`].
+    pub fn head_loss_sum_chunked(
+        &self,
+        h: &Tensor,
+        rows: &Tensor,
+        targets: &Tensor,
+        chunk: usize,
+    ) -> Result<Tensor> {
+        let hidden = self.config.hidden_size;
+        let flat = h.reshape((h.elem_count() / hidden, hidden))?;
+        let normed = rms_norm(
+            &flat.index_select(rows, 0)?,
+            &self.norm,
+            self.config.rms_norm_eps,
+        )?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let w = head.to_dtype(normed.dtype())?.detach();
+        let x = normed.detach();
+        let n = x.dim(0)?;
+        let device = x.device();
+        let mut loss = Tensor::zeros((), DType::F32, device)?;
+        let mut grad_x = Vec::with_capacity(n.div_ceil(chunk.max(1)));
+        let mut grad_w: Option<Tensor> = None;
+        for start in (0..n).step_by(chunk.max(1)) {
+            let len = chunk.max(1).min(n - start);
+            let xc = x.narrow(0, start, len)?;
+            let tc = targets.narrow(0, start, len)?.unsqueeze(1)?;
+            let logits = xc.matmul(&w.t()?)?.to_dtype(DType::F32)?;
+            let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?)?;
+            let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
+            loss = (loss + (&lse - shifted.gather(&tc, 1)?)?.sum_all()?)?;
+            // ∂loss/∂logits = softmax − onehot(target).
+            let minus_one = Tensor::full(-1f32, (len, 1), device)?;
+            let dlogits = shifted
+                .broadcast_sub(&lse)?
+                .exp()?
+                .scatter_add(&tc, &minus_one, 1)?
+                .to_dtype(w.dtype())?;
+            grad_x.push(dlogits.matmul(&w)?);
+            if head.is_variable() {
+                let gw = dlogits.t()?.matmul(&xc)?.to_dtype(DType::F32)?;
+                grad_w = Some(match grad_w {
+                    Some(sum) => (sum + gw)?,
+                    None => gw,
+                });
+            }
+        }
+        if n == 0 {
+            return Ok(loss);
+        }
+        let grad_x = Tensor::cat(&grad_x, 0)?;
+        let mut surrogate = (&normed * &grad_x)?.to_dtype(DType::F32)?.sum_all()?;
+        if let Some(grad_w) = grad_w {
+            surrogate = (surrogate + (head.to_dtype(DType::F32)? * grad_w)?.sum_all()?)?;
+        }
+        Ok(((surrogate.detach().neg()? + surrogate)? + loss)?)
     }
 
     /// The cross-entropy (f32 `[n]`) of each target at the flattened positions `rows`
@@ -755,6 +828,10 @@ impl Llama {
         Ok(linear(&normed, head)?.to_dtype(DType::F32)?)
     }
 }
+
+/// Rows of logits [`Llama::head_loss_sum_chunked`] computes at once off the CPU: 1024
+/// rows of a 128k vocabulary are 512 MiB of f32 per tensor.
+pub const HEAD_CHUNK_ROWS: usize = 1024;
 
 /// PEFT's key prefix for a module of a layer, e.g.
 /// `base_model.model.model.layers.0.self_attn.q_proj`.

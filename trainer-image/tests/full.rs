@@ -215,6 +215,69 @@ fn mixed_precision_computes_in_bf16_with_f32_master_weights_and_gradients() {
     assert!(last < 0.8 * first, "loss {first} -> {last}");
 }
 
+#[test]
+fn the_chunked_head_loss_gives_the_fused_loss_and_gradients() {
+    // The GPU's LM-head loss (logits a few rows at a time, gradients handed to
+    // backward) against the CPU's fused cross-entropy: frozen head, trainable untied
+    // head, trainable head tied to the embedding.
+    for (full, tie) in [(false, false), (true, false), (true, true)] {
+        let dir = setup(TinyLlama {
+            tie_embeddings: tie,
+            ..TinyLlama::default()
+        });
+        let model_dir = dir.path().join("model");
+        let mut model = Llama::load(&model_dir, &Device::Cpu).expect("load");
+        if full {
+            model.make_trainable().expect("trainable");
+        }
+        let hidden = model.config.hidden_size;
+        let mut rng = Rng::new(17);
+        let values: Vec<f32> = (0..2 * 9 * hidden).map(|_| rng.next_f32() - 0.5).collect();
+        let h = Var::from_vec(values, (2, 9, hidden), &Device::Cpu).expect("h");
+        // 11 target rows of the 18 positions, in 4 chunks of 3.
+        let rows =
+            Tensor::new(&[0u32, 1, 2, 4, 5, 8, 9, 10, 12, 16, 17], &Device::Cpu).expect("rows");
+        let vocab = model.config.vocab_size as u32;
+        let targets: Vec<u32> = (0..11).map(|i| (i * 37 + 5) % vocab).collect();
+        let targets = Tensor::new(targets.as_slice(), &Device::Cpu).expect("targets");
+        let mut vars: Vec<(String, &Var)> = vec![("h".into(), &h)];
+        vars.extend(model.full_params());
+        let run = |loss: Tensor| {
+            let grads = loss.backward().expect("backward");
+            let value = loss.to_scalar::<f32>().expect("scalar");
+            let grads: Vec<Option<Tensor>> =
+                vars.iter().map(|(_, v)| grads.get(v).cloned()).collect();
+            (value, grads)
+        };
+        let (fused, fused_grads) = run(model
+            .head_loss_sum(h.as_tensor(), &rows, &targets)
+            .expect("fused"));
+        let (chunked, chunked_grads) = run(model
+            .head_loss_sum_chunked(h.as_tensor(), &rows, &targets, 3)
+            .expect("chunked"));
+        let reached = fused_grads.iter().filter(|g| g.is_some()).count();
+        // h, and with full fine-tuning the final norm and the head (the embedding when
+        // tied).
+        assert_eq!(reached, if full { 3 } else { 1 }, "full {full}, tied {tie}");
+        assert!(
+            (fused - chunked).abs() <= 1e-5 * fused.abs(),
+            "loss {fused} vs {chunked} (full {full}, tied {tie})"
+        );
+        for ((name, _), (a, b)) in vars.iter().zip(fused_grads.iter().zip(&chunked_grads)) {
+            match (a, b) {
+                (Some(a), Some(b)) => assert!(
+                    max_abs_diff(a, b) <= 1e-5 * max_abs(a).max(1e-3),
+                    "{name}: gradients differ by {} (full {full}, tied {tie})",
+                    max_abs_diff(a, b)
+                ),
+                // Weights the head does not reach (the blocks') get none either way.
+                (None, None) => {}
+                _ => panic!("{name}: a gradient on one side only (full {full}, tied {tie})"),
+            }
+        }
+    }
+}
+
 fn eval_of(model_dir: &Path, data: &Path) -> f64 {
     run_eval(&EvalArgs {
         model: model_dir.to_owned(),
