@@ -762,6 +762,9 @@ impl Llama {
         let mut loss = Tensor::zeros((), DType::F32, device)?;
         let mut grad_x = Vec::with_capacity(n.div_ceil(chunk.max(1)));
         let mut grad_w: Option<Tensor> = None;
+        // Evaluation passes detached states and, but for full fine-tuning, a frozen
+        // head: only the loss is needed.
+        let (wants_x, wants_w) = (normed.track_op(), head.is_variable());
         for start in (0..n).step_by(chunk.max(1)) {
             let len = chunk.max(1).min(n - start);
             let xc = x.narrow(0, start, len)?;
@@ -770,6 +773,9 @@ impl Llama {
             let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?)?;
             let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
             loss = (loss + (&lse - shifted.gather(&tc, 1)?)?.sum_all()?)?;
+            if !wants_x && !wants_w {
+                continue;
+            }
             // ∂loss/∂logits = softmax − onehot(target).
             let minus_one = Tensor::full(-1f32, (len, 1), device)?;
             let dlogits = shifted
@@ -777,8 +783,10 @@ impl Llama {
                 .exp()?
                 .scatter_add(&tc, &minus_one, 1)?
                 .to_dtype(w.dtype())?;
-            grad_x.push(dlogits.matmul(&w)?);
-            if head.is_variable() {
+            if wants_x {
+                grad_x.push(dlogits.matmul(&w)?);
+            }
+            if wants_w {
                 let gw = dlogits.t()?.matmul(&xc)?.to_dtype(DType::F32)?;
                 grad_w = Some(match grad_w {
                     Some(sum) => (sum + gw)?,
@@ -786,11 +794,11 @@ impl Llama {
                 });
             }
         }
-        if n == 0 {
-            return Ok(loss);
+        let mut surrogate = Tensor::zeros((), DType::F32, device)?;
+        if !grad_x.is_empty() {
+            let grad_x = Tensor::cat(&grad_x, 0)?;
+            surrogate = (surrogate + (&normed * &grad_x)?.to_dtype(DType::F32)?.sum_all()?)?;
         }
-        let grad_x = Tensor::cat(&grad_x, 0)?;
-        let mut surrogate = (&normed * &grad_x)?.to_dtype(DType::F32)?.sum_all()?;
         if let Some(grad_w) = grad_w {
             surrogate = (surrogate + (head.to_dtype(DType::F32)? * grad_w)?.sum_all()?)?;
         }

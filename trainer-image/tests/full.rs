@@ -255,6 +255,12 @@ fn the_chunked_head_loss_gives_the_fused_loss_and_gradients() {
         let (chunked, chunked_grads) = run(model
             .head_loss_sum_chunked(h.as_tensor(), &rows, &targets, 3)
             .expect("chunked"));
+        // An evaluation pass (detached states) computes the loss alone.
+        let evaluated = model
+            .head_loss_sum_chunked(&h.as_tensor().detach(), &rows, &targets, 3)
+            .and_then(|loss| Ok(loss.to_scalar::<f32>()?))
+            .expect("evaluation");
+        assert!((fused - evaluated).abs() <= 1e-5 * fused.abs());
         let reached = fused_grads.iter().filter(|g| g.is_some()).count();
         // h, and with full fine-tuning the final norm and the head (the embedding when
         // tied).
