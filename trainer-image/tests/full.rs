@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, Var};
 use kubetune_crds::training::{DatasetFormat, Scheduler, TargetModule};
 use kubetune_trainer::cli::{EvalArgs, FormatArg, run_eval};
-use kubetune_trainer::data::{load_dataset, make_batch};
+use kubetune_trainer::data::{Batch, load_dataset, make_batch};
 use kubetune_trainer::error::Error;
 use kubetune_trainer::lora::LoraSettings;
 use kubetune_trainer::model::{BaseFormat, Llama, Pass};
@@ -64,6 +64,20 @@ fn setup(spec: TinyLlama) -> tempfile::TempDir {
     dir
 }
 
+/// The first `n` examples of the setup's training data, as one batch for `model`.
+fn first_batch(root: &Path, model: &Llama, n: usize) -> Batch {
+    let tokenizer = TextTokenizer::load(&root.join("model"), &model.config).expect("tokenizer");
+    let examples = load_dataset(
+        &root.join("train.jsonl"),
+        DatasetFormat::Chat,
+        &tokenizer,
+        64,
+    )
+    .expect("data");
+    let refs: Vec<_> = examples.iter().take(n).collect();
+    make_batch(&refs, tokenizer.pad_id, &Device::Cpu).expect("batch")
+}
+
 #[test]
 fn every_weight_gets_a_gradient_matching_finite_differences_with_and_without_recompute() {
     for tie in [false, true] {
@@ -76,16 +90,7 @@ fn every_weight_gets_a_gradient_matching_finite_differences_with_and_without_rec
         let model_dir = dir.path().join("model");
         let mut model = Llama::load(&model_dir, &Device::Cpu).expect("load");
         model.make_trainable().expect("trainable");
-        let tokenizer = TextTokenizer::load(&model_dir, &model.config).expect("tokenizer");
-        let examples = load_dataset(
-            &dir.path().join("train.jsonl"),
-            DatasetFormat::Chat,
-            &tokenizer,
-            64,
-        )
-        .expect("data");
-        let refs: Vec<_> = examples.iter().take(3).collect();
-        let batch = make_batch(&refs, tokenizer.pad_id, &Device::Cpu).expect("batch");
+        let batch = first_batch(dir.path(), &model, 3);
         let named = model.full_params();
         // Embedding, two norms, seven linears and three biases per block, final norm,
         // and the LM head unless tied.
@@ -164,16 +169,7 @@ fn mixed_precision_computes_in_bf16_with_f32_master_weights_and_gradients() {
         model
     };
     let (f32_model, bf16_model) = (load(DType::F32), load(DType::BF16));
-    let tokenizer = TextTokenizer::load(&model_dir, &f32_model.config).expect("tokenizer");
-    let examples = load_dataset(
-        &dir.path().join("train.jsonl"),
-        DatasetFormat::Chat,
-        &tokenizer,
-        64,
-    )
-    .expect("data");
-    let refs: Vec<_> = examples.iter().take(4).collect();
-    let batch = make_batch(&refs, tokenizer.pad_id, &Device::Cpu).expect("batch");
+    let batch = first_batch(dir.path(), &f32_model, 4);
     let step = |model: &Llama| {
         let params: Vec<&Var> = model.full_params().into_iter().map(|(_, v)| v).collect();
         forward_backward(model, &batch, &params, 1.0, Pass::EVAL, false).expect("step")
