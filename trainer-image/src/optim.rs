@@ -92,11 +92,6 @@ impl AdamW {
         })
     }
 
-    /// Whether this optimizer updates parameter `i`.
-    pub fn owns(&self, i: usize) -> bool {
-        self.m.get(i).is_some_and(Option::is_some)
-    }
-
     /// The moments of parameter `i`, when this optimizer owns it.
     pub fn moments_of(&self, i: usize) -> Option<(&Tensor, &Tensor)> {
         Some((self.m.get(i)?.as_ref()?, self.v.get(i)?.as_ref()?))

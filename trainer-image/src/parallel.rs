@@ -168,40 +168,21 @@ impl Ranks {
     }
 
     /// After a sharded optimizer step, gives every rank the parameters each owner
-    /// updated: one broadcast per rank of its parameters, flattened.
+    /// updated.
     pub fn share_updates(&mut self, params: &[&Var], partition: &Partition) -> Result<()> {
-        if self.world_size == 1 || partition.is_replicated() {
-            return Ok(());
-        }
-        for root in 0..self.world_size {
-            let owned: Vec<usize> = partition.of(root).collect();
-            let mut flat = if root == self.rank {
-                flatten(
-                    &owned
-                        .iter()
-                        .map(|&i| params[i].as_tensor())
-                        .collect::<Vec<_>>(),
-                )?
-            } else {
-                vec![0.0; owned.iter().map(|&i| params[i].elem_count()).sum()]
-            };
-            if flat.is_empty() {
-                continue;
-            }
-            self.broadcast_from(&mut flat, root)?;
-            if root != self.rank {
-                let mut offset = 0;
-                for &i in &owned {
-                    let n = params[i].elem_count();
-                    params[i].set(&unflatten(
-                        &flat[offset..offset + n],
-                        params[i].as_tensor(),
-                    )?)?;
-                    offset += n;
+        let me = self.rank;
+        self.exchange_owned(
+            params,
+            partition,
+            1,
+            |i| Ok(vec![params[i].as_tensor().clone()]),
+            |root, i, values| {
+                if root != me {
+                    params[i].set(&unflatten(values, params[i].as_tensor())?)?;
                 }
-            }
-        }
-        Ok(())
+                Ok(())
+            },
+        )
     }
 
     /// Every parameter's optimizer moments on rank 0 (`None` on the others), for a
@@ -216,41 +197,32 @@ impl Ranks {
         if self.world_size == 1 || partition.is_replicated() {
             return Ok(self.is_primary().then(|| optimizer.moments()).flatten());
         }
+        let primary = self.is_primary();
         let mut m: Vec<Option<Tensor>> = vec![None; params.len()];
         let mut v: Vec<Option<Tensor>> = vec![None; params.len()];
-        for root in 0..self.world_size {
-            let owned: Vec<usize> = partition.of(root).collect();
-            let size: usize = owned.iter().map(|&i| params[i].elem_count()).sum();
-            let mut flat = if root == self.rank {
-                let mut tensors = Vec::with_capacity(2 * owned.len());
-                for &i in &owned {
-                    let (m, v) = optimizer.moments_of(i).ok_or_else(|| {
-                        Error::Collective(format!(
-                            "rank {root} should own parameter {i} but holds no moments for it"
-                        ))
-                    })?;
-                    tensors.extend([m, v]);
-                }
-                flatten(&tensors)?
-            } else {
-                vec![0.0; 2 * size]
-            };
-            if flat.is_empty() {
-                continue;
-            }
-            self.broadcast_from(&mut flat, root)?;
-            if self.is_primary() {
-                let mut offset = 0;
-                for &i in &owned {
-                    let n = params[i].elem_count();
+        self.exchange_owned(
+            params,
+            partition,
+            2,
+            |i| {
+                let (m, v) = optimizer.moments_of(i).ok_or_else(|| {
+                    Error::Collective(format!(
+                        "this rank should own parameter {i} but holds no moments for it"
+                    ))
+                })?;
+                Ok(vec![m.clone(), v.clone()])
+            },
+            |_, i, values| {
+                if primary {
+                    let (first, second) = values.split_at(values.len() / 2);
                     let like = params[i].as_tensor().to_dtype(DType::F32)?;
-                    m[i] = Some(unflatten(&flat[offset..offset + n], &like)?);
-                    v[i] = Some(unflatten(&flat[offset + n..offset + 2 * n], &like)?);
-                    offset += 2 * n;
+                    m[i] = Some(unflatten(first, &like)?);
+                    v[i] = Some(unflatten(second, &like)?);
                 }
-            }
-        }
-        if !self.is_primary() {
+                Ok(())
+            },
+        )?;
+        if !primary {
             return Ok(None);
         }
         let all = |moments: Vec<Option<Tensor>>| {
@@ -267,6 +239,48 @@ impl Ranks {
             m: all(m)?,
             v: all(v)?,
         }))
+    }
+
+    /// One broadcast per rank, in rank order, of what it holds for the parameters it
+    /// owns: `per_param` tensors shaped like each parameter, which `local` gives on the
+    /// owner. Every rank hands each parameter's values (`per_param` of them, one after
+    /// the other) to `receive(owner, parameter, values)`, the owner too. Nothing moves
+    /// with one rank or a replicated partition.
+    fn exchange_owned(
+        &mut self,
+        params: &[&Var],
+        partition: &Partition,
+        per_param: usize,
+        local: impl Fn(usize) -> Result<Vec<Tensor>>,
+        mut receive: impl FnMut(usize, usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        if self.world_size == 1 || partition.is_replicated() {
+            return Ok(());
+        }
+        for root in 0..self.world_size {
+            let owned: Vec<usize> = partition.of(root).collect();
+            let mut flat = if root == self.rank {
+                let mut tensors = Vec::with_capacity(per_param * owned.len());
+                for &i in &owned {
+                    tensors.extend(local(i)?);
+                }
+                flatten(&tensors.iter().collect::<Vec<_>>())?
+            } else {
+                let size: usize = owned.iter().map(|&i| params[i].elem_count()).sum();
+                vec![0.0; per_param * size]
+            };
+            if flat.is_empty() {
+                continue;
+            }
+            self.broadcast_from(&mut flat, root)?;
+            let mut offset = 0;
+            for &i in &owned {
+                let n = per_param * params[i].elem_count();
+                receive(root, i, &flat[offset..offset + n])?;
+                offset += n;
+            }
+        }
+        Ok(())
     }
 
     /// Broadcasts `values` from `root` to every rank.
@@ -304,60 +318,64 @@ impl Ranks {
 
 /// Which rank owns each parameter: keeps its optimizer state and updates it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Partition {
-    owner: Vec<usize>,
-    world_size: usize,
+pub enum Partition {
+    /// Every rank owns every one of this many parameters (the state replicated, as
+    /// with one rank).
+    Replicated(usize),
+    /// The rank that owns each parameter.
+    Sharded(Vec<usize>),
 }
 
 impl Partition {
-    /// Every rank owns every parameter (the state replicated, as with one rank).
-    pub fn replicated(params: usize) -> Self {
-        Self {
-            owner: vec![0; params],
-            world_size: 1,
-        }
-    }
-
     /// Parameters of `sizes` elements spread over `world_size` ranks so that each holds
     /// about the same number of elements: the largest first, each to the rank holding
     /// the fewest so far (the lowest rank on a tie). Every rank computes the same
     /// partition from the same sizes.
     pub fn balanced(sizes: &[usize], world_size: usize) -> Self {
-        let world_size = world_size.max(1);
         let mut order: Vec<usize> = (0..sizes.len()).collect();
         order.sort_by_key(|&i| (std::cmp::Reverse(sizes[i]), i));
-        let mut load = vec![0usize; world_size];
+        let mut load = vec![0usize; world_size.max(1)];
         let mut owner = vec![0; sizes.len()];
         for i in order {
-            let rank = (0..world_size)
+            let rank = (0..load.len())
                 .min_by_key(|&r| (load[r], r))
                 .expect("at least one rank");
             owner[i] = rank;
             load[rank] += sizes[i];
         }
-        Self { owner, world_size }
+        Self::Sharded(owner)
     }
 
     /// Whether every rank owns every parameter.
     pub fn is_replicated(&self) -> bool {
-        self.world_size == 1
+        matches!(self, Self::Replicated(_))
     }
 
     /// Whether `rank` owns parameter `i`.
     pub fn owns(&self, rank: usize, i: usize) -> bool {
-        self.is_replicated() || self.owner[i] == rank
+        match self {
+            Self::Replicated(_) => true,
+            Self::Sharded(owner) => owner[i] == rank,
+        }
     }
 
     /// Per parameter, whether `rank` owns it.
     pub fn owned_by(&self, rank: usize) -> Vec<bool> {
-        (0..self.owner.len()).map(|i| self.owns(rank, i)).collect()
+        let params = match self {
+            Self::Replicated(params) => *params,
+            Self::Sharded(owner) => owner.len(),
+        };
+        (0..params).map(|i| self.owns(rank, i)).collect()
     }
 
-    /// The parameters `rank` owns, in order (empty for a replicated partition, which
-    /// has no owners to hear from).
+    /// The parameters `rank` alone owns, in order (none in a replicated partition,
+    /// which has no owners to hear from).
     fn of(&self, rank: usize) -> impl Iterator<Item = usize> + '_ {
-        let sharded = !self.is_replicated();
-        (0..self.owner.len()).filter(move |&i| sharded && self.owner[i] == rank)
+        let owner: &[usize] = match self {
+            Self::Replicated(_) => &[],
+            Self::Sharded(owner) => owner,
+        };
+        (0..owner.len()).filter(move |&i| owner[i] == rank)
     }
 }
 
@@ -445,7 +463,7 @@ mod tests {
         let sparse = Partition::balanced(&[4, 4], 3);
         assert_eq!(sparse.of(2).count(), 0);
         // Replicated: everyone owns everything, and nobody needs to send anything.
-        let replicated = Partition::replicated(3);
+        let replicated = Partition::Replicated(3);
         assert!(replicated.owns(5, 2));
         assert_eq!(replicated.of(0).count(), 0);
     }

@@ -648,7 +648,7 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
             let sizes: Vec<usize> = params.iter().map(|p| p.elem_count()).collect();
             Partition::balanced(&sizes, ranks.world_size())
         }
-        _ => Partition::replicated(params.len()),
+        _ => Partition::Replicated(params.len()),
     };
     let mut optimizer = AdamW::sharded(
         AdamWConfig {
