@@ -19,7 +19,9 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::lora::{AdapterPairs, DropoutKey, LoraPair, LoraSettings, dropout_mask};
 use crate::nf4::{Nf4Weight, nf4_linear};
-use crate::ops::{causal_softmax, cross_entropy_rows, linear, rms_norm, rope};
+use crate::ops::{
+    causal_softmax, cross_entropy_rows, linear, log_softmax_last_dim, rms_norm, rope,
+};
 use crate::rng::Rng;
 
 /// The device the trainer computes on: the first CUDA GPU with the `cuda` feature (an
@@ -759,27 +761,25 @@ impl Llama {
         let x = normed.detach();
         let n = x.dim(0)?;
         let device = x.device();
+        let chunk = chunk.max(1);
         let mut loss = Tensor::zeros((), DType::F32, device)?;
-        let mut grad_x = Vec::with_capacity(n.div_ceil(chunk.max(1)));
+        let mut grad_x = Vec::with_capacity(n.div_ceil(chunk));
         let mut grad_w: Option<Tensor> = None;
         // Evaluation passes detached states and, but for full fine-tuning, a frozen
         // head: only the loss is needed.
         let (wants_x, wants_w) = (normed.track_op(), head.is_variable());
-        for start in (0..n).step_by(chunk.max(1)) {
-            let len = chunk.max(1).min(n - start);
+        for start in (0..n).step_by(chunk) {
+            let len = chunk.min(n - start);
             let xc = x.narrow(0, start, len)?;
             let tc = targets.narrow(0, start, len)?.unsqueeze(1)?;
-            let logits = xc.matmul(&w.t()?)?.to_dtype(DType::F32)?;
-            let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?)?;
-            let lse = shifted.exp()?.sum_keepdim(1)?.log()?;
-            loss = (loss + (&lse - shifted.gather(&tc, 1)?)?.sum_all()?)?;
+            let logp = log_softmax_last_dim(&xc.matmul(&w.t()?)?.to_dtype(DType::F32)?)?;
+            loss = (loss - logp.gather(&tc, 1)?.sum_all()?)?;
             if !wants_x && !wants_w {
                 continue;
             }
             // ∂loss/∂logits = softmax − onehot(target).
             let minus_one = Tensor::full(-1f32, (len, 1), device)?;
-            let dlogits = shifted
-                .broadcast_sub(&lse)?
+            let dlogits = logp
                 .exp()?
                 .scatter_add(&tc, &minus_one, 1)?
                 .to_dtype(w.dtype())?;
