@@ -42,6 +42,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kubetune_crds::training::{DatasetFormat, Scheduler, TargetModule};
+use kubetune_trainer::cli::ENV_REPLICATE_OPTIMIZER_STATE;
 use kubetune_trainer::config::ModelConfig;
 use kubetune_trainer::dpo::DpoSettings;
 use kubetune_trainer::lora::LoraSettings;
@@ -192,7 +193,7 @@ fn method_options(root: &Path, args: &Args) -> TrainOptions {
             )
             .expect("the gang's environment");
             let world = gang.as_ref().map_or(1, |g| g.world_size);
-            let replicate = std::env::var_os(REPLICATE).is_some();
+            let replicate = std::env::var_os(ENV_REPLICATE_OPTIMIZER_STATE).is_some();
             let kind = if replicate { "replicated" } else { "sharded" };
             opts.output_dir = root.join(format!("out-full-{world}-{kind}"));
             opts.checkpoint_dir = opts.output_dir.join("checkpoints");
@@ -351,10 +352,6 @@ fn full_model_spec() -> TinyLlama {
     }
 }
 
-/// Set for a worker rank that keeps the whole optimizer state (the trainer's
-/// `--replicate-optimizer-state`).
-const REPLICATE: &str = "KUBETUNE_REPLICATE_OPTIMIZER_STATE";
-
 /// `--method full`: data-parallel full fine-tuning on 1, 2 and 4 ranks with the
 /// optimizer state sharded (the default), and on 2 with it replicated, for memory.
 fn bench_full(root: &Path, args: &Args) {
@@ -391,7 +388,7 @@ fn bench_full(root: &Path, args: &Args) {
                     .env("KUBETUNE_RENDEZVOUS", format!("127.0.0.1:{port}"))
                     .stdout(Stdio::piped());
                 if !sharded {
-                    worker.env(REPLICATE, "true");
+                    worker.env(ENV_REPLICATE_OPTIMIZER_STATE, "true");
                 }
                 worker.spawn().expect("a rank starts")
             })

@@ -176,6 +176,11 @@ fn mixed_precision_computes_in_bf16_with_f32_master_weights_and_gradients() {
     };
     let (loss32, grads32) = step(&f32_model);
     let (loss16, grads16) = step(&bf16_model);
+    // The bf16 model really computes in bf16: its activations are, and its loss rounds
+    // differently.
+    let activations = bf16_model.embed(&batch.ids).expect("embed");
+    assert_eq!(activations.dtype(), DType::BF16);
+    assert_ne!(loss16, loss32);
     assert!(
         (loss16 - loss32).abs() <= 1e-2 * loss32.abs(),
         "bf16 loss {loss16} vs f32 {loss32}"
