@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -89,7 +89,7 @@ pub fn operator(root: &Path, args: &[&str]) -> Result<()> {
     if !status.success() {
         bail!("building the operator failed ({status})");
     }
-    let binary = target_dir(root).join("release/kubetune-operator");
+    let binary = crate::target_dir(root).join("release/kubetune-operator");
 
     let bench = Bench {
         kubectl: &kubectl,
@@ -101,12 +101,6 @@ pub fn operator(root: &Path, args: &[&str]) -> Result<()> {
         eprintln!("warning: cleaning up the benchmark failed: {error:#}");
     }
     result
-}
-
-fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
 }
 
 struct Bench<'a> {
@@ -254,7 +248,7 @@ impl Bench<'_> {
 
     fn start_operator(&self, root: &Path, binary: &Path) -> Result<Operator> {
         let metrics_port = free_port()?;
-        let log_path = target_dir(root).join("bench-operator.log");
+        let log_path = crate::target_dir(root).join("bench-operator.log");
         let log = File::create(&log_path)
             .with_context(|| format!("failed to create {}", log_path.display()))?;
         let child = Command::new(binary)

@@ -211,7 +211,7 @@ fn build_images(root: &Path, kind: Kind) -> Result<Vec<PathBuf>> {
             )?;
         }
     }
-    let target_dir = target_dir(root);
+    let target_dir = crate::target_dir(root);
     let version = kind.version();
     let buildah = Buildah::in_cache(&cache);
     let mut archives = Vec::new();
@@ -355,13 +355,8 @@ pub(crate) fn release_binary(root: &Path, name: &str) -> PathBuf {
         .find(|image| image.binaries.contains(&name))
         .expect("callers name a binary of one of the images");
     Kind::Release
-        .binaries_dir(&target_dir(root), image.release_linking)
+        .binaries_dir(&crate::target_dir(root), image.release_linking)
         .join(name)
-}
-
-/// Cargo's target directory.
-fn target_dir(root: &Path) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
 }
 
 pub(crate) fn cache_dir() -> Result<PathBuf> {

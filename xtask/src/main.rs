@@ -113,6 +113,11 @@ fn run(args: &[String]) -> Result<()> {
 }
 
 /// The workspace root: xtask lives one level below it.
+/// Cargo's target directory: `CARGO_TARGET_DIR`, else `target/` in the workspace.
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -187,7 +192,7 @@ fn test() -> Result<()> {
     };
     let tested = imported.and_then(|()| step("cargo test", &mut test));
     if tested.is_err()
-        && let Err(error) = cluster::keep_logs(&root().join("target/cluster-logs"))
+        && let Err(error) = cluster::keep_logs(&target_dir(&root()).join("cluster-logs"))
     {
         println!("    could not keep the cluster's logs: {error:#}");
     }
