@@ -2,7 +2,7 @@
 //
 // Gloo has no C API: these few functions create a full-mesh TCP context through a
 // rendezvous store whose set/get are Rust callbacks, and run Gloo's allreduce (sum),
-// broadcast and barrier on it. No C++ exception crosses the boundary: every entry
+// all-gather, reduce-scatter (sum), broadcast and barrier on it. No C++ exception crosses the boundary: every entry
 // point catches everything and reports it as a message in the caller's buffer.
 
 #include <algorithm>
@@ -10,10 +10,13 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <limits>
+#include <stdexcept>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include <gloo/allgather.h>
 #include <gloo/allreduce.h>
 #include <gloo/barrier.h>
 #include <gloo/broadcast.h>
@@ -195,6 +198,56 @@ int kt_comm_allreduce_sum_f32(kt_comm* comm, float* data, size_t n, char* err, s
 int kt_comm_allreduce_sum_f64(kt_comm* comm, double* data, size_t n, char* err,
                               size_t cap) {
   return allreduce_sum<double>(comm, data, n, err, cap);
+}
+
+// Every rank's `n` elements of `in`, in rank order, into `out` (n × size elements) on
+// every rank: Gloo's ring all-gather.
+int kt_comm_allgather_f32(kt_comm* comm, const float* in, size_t n, float* out, char* err,
+                          size_t cap) {
+  return guarded(err, cap, [&] {
+    gloo::AllgatherOptions opts(comm->context);
+    // Gloo copies the input into its slot of the output before the ring starts and
+    // never writes the input.
+    opts.setInput(const_cast<float*>(in), n);
+    opts.setOutput(out, n * static_cast<size_t>(comm->context->size));
+    opts.setTimeout(comm->timeout);
+    gloo::allgather(opts);
+  });
+}
+
+// Sums `data` (n × size elements) element-wise across ranks, leaving on each rank r
+// only its segment [r·n, (r+1)·n) summed: a ring on Gloo's transport (size − 1 steps;
+// at each, a rank sends one segment to the next rank and adds the one the previous
+// rank sent), so each rank sends (size − 1)·n elements, the bound for a
+// reduce-scatter. Gloo 0.0~2022 has no reduce-scatter in its options API, and its
+// halving-doubling algorithm places segments in another order for sizes that are not
+// powers of two. The rest of `data` holds partial sums afterwards.
+int kt_comm_reduce_scatter_sum_f32(kt_comm* comm, float* data, size_t n, char* err,
+                                   size_t cap) {
+  return guarded(err, cap, [&] {
+    const auto& context = comm->context;
+    const int size = context->size;
+    const int rank = context->rank;
+    const size_t bytes = n * sizeof(float);
+    auto out = context->createUnboundBuffer(data, bytes * static_cast<size_t>(size));
+    std::vector<float> incoming(n);
+    auto in = context->createUnboundBuffer(incoming.data(), bytes);
+    const int next = (rank + 1) % size;
+    const int prev = (rank + size - 1) % size;
+    const uint64_t slot = static_cast<uint64_t>(context->nextSlot(size));
+    for (int step = 0; step + 1 < size; ++step) {
+      const size_t send = static_cast<size_t>((rank - step - 1 + 2 * size) % size);
+      const size_t recv = static_cast<size_t>((rank - step - 2 + 2 * size) % size);
+      out->send(next, slot + static_cast<uint64_t>(step), send * bytes, bytes);
+      in->recv(prev, slot + static_cast<uint64_t>(step), 0, bytes);
+      in->waitRecv(comm->timeout);
+      out->waitSend(comm->timeout);
+      float* target = data + recv * n;
+      for (size_t i = 0; i < n; ++i) {
+        target[i] += incoming[i];
+      }
+    }
+  });
 }
 
 int kt_comm_broadcast(kt_comm* comm, void* data, size_t bytes, int root, char* err,

@@ -72,6 +72,21 @@ unsafe extern "C" {
         err: *mut c_char,
         cap: usize,
     ) -> c_int;
+    fn kt_comm_allgather_f32(
+        comm: *mut RawComm,
+        input: *const f32,
+        n: usize,
+        out: *mut f32,
+        err: *mut c_char,
+        cap: usize,
+    ) -> c_int;
+    fn kt_comm_reduce_scatter_sum_f32(
+        comm: *mut RawComm,
+        data: *mut f32,
+        n: usize,
+        err: *mut c_char,
+        cap: usize,
+    ) -> c_int;
     fn kt_comm_broadcast(
         comm: *mut RawComm,
         data: *mut c_void,
@@ -291,6 +306,56 @@ impl Comm {
                 self.raw.as_ptr(),
                 data.as_mut_ptr(),
                 data.len(),
+                err.as_mut_ptr().cast::<c_char>(),
+                ERR_BYTES,
+            )
+        };
+        if rc == 0 { Ok(()) } else { Err(message(&err)) }
+    }
+
+    /// Every rank's `shard`, in rank order, into `out` (`world_size × shard.len()`
+    /// elements, checked by the caller).
+    pub(crate) fn allgather_f32(&mut self, shard: &[f32], out: &mut [f32]) -> Result<(), String> {
+        if shard.is_empty() {
+            return Ok(());
+        }
+        let mut err = [0u8; ERR_BYTES];
+        // SAFETY: `self.raw` is live (see `allreduce_sum_f32`); `shard` is a live slice
+        // of `shard.len()` f32s the shim only reads; `out` is a live, exclusively
+        // borrowed slice of world_size × shard.len() f32s (the caller checks the
+        // length), the only memory the shim writes; `err` holds ERR_BYTES bytes.
+        let rc = unsafe {
+            kt_comm_allgather_f32(
+                self.raw.as_ptr(),
+                shard.as_ptr(),
+                shard.len(),
+                out.as_mut_ptr(),
+                err.as_mut_ptr().cast::<c_char>(),
+                ERR_BYTES,
+            )
+        };
+        if rc == 0 { Ok(()) } else { Err(message(&err)) }
+    }
+
+    /// Sums `data` (`world_size × n` elements, checked by the caller) across ranks,
+    /// leaving rank r's segment `[r·n, (r+1)·n)` summed.
+    pub(crate) fn reduce_scatter_sum_f32(
+        &mut self,
+        data: &mut [f32],
+        n: usize,
+    ) -> Result<(), String> {
+        if n == 0 {
+            return Ok(());
+        }
+        let mut err = [0u8; ERR_BYTES];
+        // SAFETY: `self.raw` is live (see `allreduce_sum_f32`); `data` is a live,
+        // exclusively borrowed slice of world_size × n f32s (the caller checks it);
+        // `err` is a writable buffer of ERR_BYTES bytes.
+        let rc = unsafe {
+            kt_comm_reduce_scatter_sum_f32(
+                self.raw.as_ptr(),
+                data.as_mut_ptr(),
+                n,
                 err.as_mut_ptr().cast::<c_char>(),
                 ERR_BYTES,
             )

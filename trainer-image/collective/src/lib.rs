@@ -2,8 +2,10 @@
 //! communications library, Debian's `libgloo-dev`) over TCP.
 //!
 //! Data-parallel training needs every rank to see the sum of every rank's gradients;
-//! this crate gives it [`Collective::allreduce_sum_f32`] (Gloo's ring allreduce),
-//! [`Collective::broadcast_f32`] and [`Collective::barrier`], and nothing else. It sits
+//! this crate gives it [`Collective::allreduce_sum_f32`] (Gloo's ring allreduce);
+//! sharded training, [`Collective::allgather_f32`] and
+//! [`Collective::reduce_scatter_sum_f32`]; and [`Collective::broadcast_f32`] and
+//! [`Collective::barrier`]. It sits
 //! below `kubetune-trainer` (which averages gradients with it) and above a C++ shim
 //! (`shim/gloo_shim.cc`, compiled by `build.rs`) that holds the Gloo calls.
 //!
@@ -216,6 +218,47 @@ impl Collective {
     pub fn allreduce_sum_f64(&mut self, data: &mut [f64]) -> Result<(), Error> {
         let failed = self.failed("sum figures");
         self.comm.allreduce_sum_f64(data).map_err(failed)
+    }
+
+    /// Every rank's `shard` (the same length on every rank), in rank order, into `out`,
+    /// which must hold `world_size × shard.len()` elements: the all-gather of sharded
+    /// parameters before they are used.
+    pub fn allgather_f32(&mut self, shard: &[f32], out: &mut [f32]) -> Result<(), Error> {
+        if out.len() != shard.len() * self.world_size {
+            return Err(Error::Config {
+                message: format!(
+                    "an all-gather of {} elements per rank across {} ranks needs {} elements of output, not {}",
+                    shard.len(),
+                    self.world_size,
+                    shard.len() * self.world_size,
+                    out.len()
+                ),
+            });
+        }
+        let failed = self.failed("gather parameters");
+        self.comm.allgather_f32(shard, out).map_err(failed)
+    }
+
+    /// Sums `data` element-wise across ranks and leaves on this rank only its segment
+    /// of the sum, which it returns: `data` is cut into `world_size` equal segments
+    /// (its length must be a multiple of the world size) and rank r keeps segment r.
+    /// The reduce-scatter of sharded gradients: each rank sends (n−1)/n of `data`,
+    /// half what an all-reduce sends. The rest of `data` is scratch afterwards.
+    pub fn reduce_scatter_sum_f32<'a>(&mut self, data: &'a mut [f32]) -> Result<&'a [f32], Error> {
+        if data.len() % self.world_size != 0 {
+            return Err(Error::Config {
+                message: format!(
+                    "a reduce-scatter across {} ranks needs a multiple of {} elements, not {}",
+                    self.world_size,
+                    self.world_size,
+                    data.len()
+                ),
+            });
+        }
+        let n = data.len() / self.world_size;
+        let failed = self.failed("sum gradient shards");
+        self.comm.reduce_scatter_sum_f32(data, n).map_err(failed)?;
+        Ok(&data[self.rank * n..(self.rank + 1) * n])
     }
 
     /// Replaces `data` on every rank with rank `root`'s.

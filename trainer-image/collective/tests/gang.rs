@@ -114,3 +114,92 @@ fn a_rank_that_leaves_makes_the_others_fail_their_next_collective_promptly() {
         }
     }
 }
+
+/// Runs `body(rank, collective)` on `world_size` connected ranks (threads) and returns
+/// what each rank returned, in rank order.
+fn on_ranks<T: Send + 'static>(
+    world_size: usize,
+    body: impl Fn(usize, &mut Collective) -> T + Send + Sync + Copy + 'static,
+) -> Vec<T> {
+    let port = free_port();
+    let handles: Vec<_> = (0..world_size)
+        .map(|rank| {
+            std::thread::spawn(move || {
+                let mut c = Collective::connect(&config(rank, world_size, port)).expect("connect");
+                body(rank, &mut c)
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("rank"))
+        .collect()
+}
+
+#[test]
+fn an_all_gather_gives_every_rank_every_shard_in_rank_order() {
+    for world_size in [2, 3, 4] {
+        let gathered = on_ranks(world_size, |rank, c| {
+            let shard: Vec<f32> = (0..1001).map(|i| (rank * 10_000 + i) as f32).collect();
+            let mut out = vec![f32::NAN; 1001 * c.world_size()];
+            c.allgather_f32(&shard, &mut out).expect("allgather");
+            out
+        });
+        let expected: Vec<f32> = (0..world_size)
+            .flat_map(|r| (0..1001).map(move |i| (r * 10_000 + i) as f32))
+            .collect();
+        for out in gathered {
+            assert_eq!(out, expected, "{world_size} ranks");
+        }
+    }
+}
+
+#[test]
+fn a_reduce_scatter_leaves_each_rank_its_segment_of_the_sum() {
+    for world_size in [2, 3, 4] {
+        let n = 20_011;
+        let segments = on_ranks(world_size, move |rank, c| {
+            // Small integers: every order of summation gives the same f32s.
+            let mut data: Vec<f32> = (0..n * c.world_size())
+                .map(|i| ((i % 13) + rank) as f32)
+                .collect();
+            c.reduce_scatter_sum_f32(&mut data)
+                .expect("reduce-scatter")
+                .to_vec()
+        });
+        let ranks_sum: usize = (0..world_size).sum();
+        for (rank, segment) in segments.into_iter().enumerate() {
+            assert_eq!(segment.len(), n);
+            for (j, x) in segment.iter().enumerate() {
+                let i = rank * n + j;
+                let expected = (world_size * (i % 13) + ranks_sum) as f32;
+                assert_eq!(*x, expected, "{world_size} ranks, rank {rank}, element {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn collectives_refuse_buffers_that_do_not_fit_the_world() {
+    let errors = on_ranks(2, |_, c| {
+        let mut out = vec![0.0; 3];
+        let gather = c
+            .allgather_f32(&[1.0, 2.0], &mut out)
+            .expect_err("short output");
+        let mut odd = vec![0.0; 5];
+        let scatter = c
+            .reduce_scatter_sum_f32(&mut odd)
+            .expect_err("not a multiple");
+        (gather.to_string(), scatter.to_string())
+    });
+    for (gather, scatter) in errors {
+        assert!(
+            gather.contains("needs 4 elements of output, not 3"),
+            "{gather}"
+        );
+        assert!(
+            scatter.contains("a multiple of 2 elements, not 5"),
+            "{scatter}"
+        );
+    }
+}
