@@ -245,7 +245,7 @@ impl Collective {
     /// The reduce-scatter of sharded gradients: each rank sends (n−1)/n of `data`,
     /// half what an all-reduce sends. The rest of `data` is scratch afterwards.
     pub fn reduce_scatter_sum_f32<'a>(&mut self, data: &'a mut [f32]) -> Result<&'a [f32], Error> {
-        if data.len() % self.world_size != 0 {
+        if !data.len().is_multiple_of(self.world_size) {
             return Err(Error::Config {
                 message: format!(
                     "a reduce-scatter across {} ranks needs a multiple of {} elements, not {}",
