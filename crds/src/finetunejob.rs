@@ -59,6 +59,8 @@ pub const RELATIVE_PATH_PATTERN: &str = r"^[A-Za-z0-9_.][-A-Za-z0-9_./]*$";
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.method == 'full' || self.resources.nodes == 1").message("methods lora, qlora and dpo run on one node: set resources.nodes to 1, or use method full"))]
+#[x_kube(validation = Rule::new("self.method == 'full' || !has(self.resources.ranksPerNode) || self.resources.ranksPerNode == 1").message("methods lora, qlora and dpo train in one process: set resources.ranksPerNode to 1, or use method full"))]
+#[x_kube(validation = Rule::new("!has(self.resources.ranksPerNode) || !has(self.resources.gpu) || self.resources.ranksPerNode == self.resources.gpu.perNode").message("resources.ranksPerNode must equal resources.gpu.perNode: each rank drives one GPU"))]
 #[x_kube(validation = Rule::new("self.method == 'full' || !has(self.resources.gpu) || self.resources.gpu.perNode == 1").message("methods lora, qlora and dpo train on one GPU: set resources.gpu.perNode to 1, or use method full"))]
 #[x_kube(validation = Rule::new("self.method != 'full' || !has(self.lora)").message("spec.lora is not allowed with method full, which trains every weight"))]
 #[x_kube(validation = Rule::new("self.method == 'qlora' || !has(self.qlora)").message("spec.qlora is only allowed with method qlora"))]
@@ -240,6 +242,14 @@ pub struct Resources {
     #[schemars(range(min = 1, max = 64))]
     pub nodes: u32,
 
+    /// Trainer processes (ranks) in each pod, for method full. Default: one per GPU
+    /// (`gpu.perNode`) with GPUs, 1 on CPU; with GPUs it must equal `gpu.perNode`, since
+    /// each rank drives one GPU. The gang's world size is `nodes × ranksPerNode`. Set it
+    /// on CPU to run several ranks in one pod (tests, demos, small models). 1 to 16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 16))]
+    pub ranks_per_node: Option<u32>,
+
     /// CPU request and limit per pod, as a Kubernetes quantity ("8", "500m"). Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 32))]
@@ -255,6 +265,21 @@ pub struct Resources {
 
 fn default_nodes() -> u32 {
     1
+}
+
+impl Resources {
+    /// Trainer processes in each pod: `ranksPerNode`, else one per GPU, else 1.
+    pub fn ranks_per_pod(&self) -> u32 {
+        self.ranks_per_node
+            .or_else(|| self.gpu.as_ref().map(|gpu| gpu.per_node))
+            .unwrap_or(1)
+            .max(1)
+    }
+
+    /// The gang's number of ranks: pods × ranks per pod.
+    pub fn world_size(&self) -> u32 {
+        self.nodes.saturating_mul(self.ranks_per_pod())
+    }
 }
 
 /// GPUs for each trainer pod.

@@ -493,10 +493,20 @@ pub mod contract {
 
     /// Where the rendered [`TrainerConfig`](super::TrainerConfig) is mounted, as JSON.
     pub const CONFIG_PATH: &str = "/etc/kubetune/trainer.json";
-    /// The pod's rank, 0 to world size − 1 (rank 0 hosts the rendezvous and reports
-    /// progress).
+    /// The trainer process' rank, 0 to world size − 1 (rank 0 hosts the rendezvous and
+    /// reports progress). The operator sets it when a pod runs one rank; with several
+    /// ranks a pod, the pod's launcher sets it for each process it starts
+    /// (`node rank × ranks per pod + local rank`).
     pub const ENV_RANK: &str = "KUBETUNE_RANK";
-    /// The number of trainer pods in the gang.
+    /// The pod's index in the gang, 0 to pods − 1 (the Indexed Job's completion index).
+    pub const ENV_NODE_RANK: &str = "KUBETUNE_NODE_RANK";
+    /// Trainer processes in each pod, one per GPU; above 1 the trainer started in the pod
+    /// launches that many ranks of itself and supervises them.
+    pub const ENV_RANKS_PER_POD: &str = "KUBETUNE_RANKS_PER_POD";
+    /// A process' index among its pod's ranks, 0 to ranks per pod − 1, set by the
+    /// launcher: the CUDA device the rank drives.
+    pub const ENV_LOCAL_RANK: &str = "KUBETUNE_LOCAL_RANK";
+    /// The number of ranks in the gang: pods × ranks per pod.
     pub const ENV_WORLD_SIZE: &str = "KUBETUNE_WORLD_SIZE";
     /// `host:port` of rank 0's rendezvous, resolvable from every rank.
     pub const ENV_RENDEZVOUS: &str = "KUBETUNE_RENDEZVOUS";

@@ -481,8 +481,9 @@ pub fn options_from_config(config: &TrainerConfig, recompute: bool) -> Result<Tr
     })
 }
 
-/// The gang the operator placed this pod in, from `KUBETUNE_WORLD_SIZE`,
-/// `KUBETUNE_RANK` and `KUBETUNE_RENDEZVOUS`; `None` for a world of one (or none set).
+/// The gang the operator placed this process in, from `KUBETUNE_WORLD_SIZE`,
+/// `KUBETUNE_RANK` (else `KUBETUNE_NODE_RANK` × `KUBETUNE_RANKS_PER_POD`) and
+/// `KUBETUNE_RENDEZVOUS`; `None` for a world of one (or none set).
 pub fn gang_from_env(rendezvous_timeout: Duration, timeout: Duration) -> Result<Option<Gang>> {
     let var = |name: &str| std::env::var(name).ok().map(|v| v.trim().to_owned());
     let Some(world) = var(contract::ENV_WORLD_SIZE).filter(|w| !w.is_empty()) else {
@@ -497,7 +498,16 @@ pub fn gang_from_env(rendezvous_timeout: Duration, timeout: Duration) -> Result<
     if world_size <= 1 {
         return Ok(None);
     }
-    let rank = var(contract::ENV_RANK).unwrap_or_default();
+    // The operator sets the rank of a pod's only rank; a pod's launcher sets each of
+    // its ranks'. Without either, the pod's first rank (node rank × ranks per pod).
+    let rank = var(contract::ENV_RANK)
+        .filter(|r| !r.is_empty())
+        .or_else(|| {
+            let per_pod: usize = var(contract::ENV_RANKS_PER_POD)?.parse().ok()?;
+            let node: usize = var(contract::ENV_NODE_RANK)?.parse().ok()?;
+            Some((node * per_pod.max(1)).to_string())
+        })
+        .unwrap_or_default();
     let rank: usize = rank
         .parse()
         .ok()

@@ -16,8 +16,10 @@
 //!   rank 0's `host:port`): each rank trains on its share of every global batch
 //!   (`batch_size` per rank), gradients are summed with Gloo (the `gloo` cargo feature,
 //!   crate `kubetune-collective`), every rank takes the same optimizer step, and rank 0
-//!   alone writes checkpoints, the model, `metrics.json` and the termination log. The
-//!   other methods run on one rank.
+//!   alone writes checkpoints, the model, `metrics.json` and the termination log. A
+//!   pod may run several ranks, one per GPU (`KUBETUNE_RANKS_PER_POD`, with
+//!   `KUBETUNE_NODE_RANK`): the trainer it starts launches and supervises them
+//!   ([`launch`]), each on its own CUDA device. The other methods run on one rank.
 //!
 //! # Pipeline
 //! [`config`] and [`model`] read the checkpoint (memory-mapped safetensors) into a
@@ -110,6 +112,7 @@ pub mod dpo;
 pub mod error;
 pub mod full;
 pub mod gguf;
+pub mod launch;
 pub mod lora;
 pub mod model;
 pub mod nf4;

@@ -25,7 +25,7 @@ fn main() {
             err.exit()
         }
     };
-    let code = match run(cli) {
+    let code = match launch_or_run(cli) {
         Ok(()) => 0,
         Err(err) => {
             let code = match err.downcast_ref::<kubetune_trainer::Error>() {
@@ -46,6 +46,21 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// Runs the command, or, in a pod that runs several ranks, launches them
+/// (`kubetune_trainer::launch`) and exits with the code the pod should report.
+fn launch_or_run(cli: Cli) -> anyhow::Result<()> {
+    if matches!(cli.command, Command::Train(_))
+        && let Some(pod) = kubetune_trainer::launch::launcher_from_env()?
+    {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let code = runtime.block_on(kubetune_trainer::launch::run(pod))?;
+        std::process::exit(code);
+    }
+    run(cli)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

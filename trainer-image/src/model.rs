@@ -24,14 +24,16 @@ use crate::ops::{
 };
 use crate::rng::Rng;
 
-/// The device the trainer computes on: the first CUDA GPU with the `cuda` feature (an
+/// The device the trainer computes on: with the `cuda` feature, the CUDA GPU of this
+/// process' local rank (`KUBETUNE_LOCAL_RANK`, 0 when it is its pod's only rank; an
 /// error when it cannot be opened), the CPU otherwise.
 pub fn default_device() -> Result<Device> {
     #[cfg(feature = "cuda")]
     {
+        let ordinal = crate::launch::local_rank()?;
         // Not `Device::cuda_if_available`: with the feature on it never falls back to the
         // CPU either, and its error would read as a failed tensor operation.
-        Device::new_cuda(0).map_err(|source| Error::Device { ordinal: 0, source })
+        Device::new_cuda(ordinal).map_err(|source| Error::Device { ordinal, source })
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -483,3 +483,204 @@ fn a_rank_that_never_comes_makes_the_others_exit_non_zero_after_the_rendezvous_t
         );
     }
 }
+
+/// Where pod `node` of the run writing `out` logs.
+fn pod_log(dir: &Path, out: &str, node: usize) -> std::path::PathBuf {
+    dir.join(format!("{out}-pod-{node}.log"))
+}
+
+/// Starts `pods` pods of `per_pod` ranks each, as the operator starts them: one
+/// trainer a pod with its node rank and ranks per pod, which launches the pod's ranks.
+fn start_pods(dir: &Path, out: &str, run: Run, pods: usize, per_pod: usize) -> Vec<Child> {
+    let port = free_port();
+    (0..pods)
+        .map(|node| {
+            command(dir, out, run, &[])
+                .env("KUBETUNE_WORLD_SIZE", (pods * per_pod).to_string())
+                .env("KUBETUNE_NODE_RANK", node.to_string())
+                .env("KUBETUNE_RANKS_PER_POD", per_pod.to_string())
+                .env_remove("KUBETUNE_LOCAL_RANK")
+                .env("KUBETUNE_RENDEZVOUS", format!("127.0.0.1:{port}"))
+                // Every rank of a pod shares the pod's termination log, as in Kubernetes.
+                .env(
+                    "KUBETUNE_TERMINATION_LOG",
+                    dir.join(format!("{out}-termination-pod-{node}")),
+                )
+                // A file, as a container's log is drained: a pipe nobody reads until
+                // the end would fill and block the ranks' logging.
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(pod_log(dir, out, node)).expect("a log file"))
+                .spawn()
+                .expect("the trainer starts")
+        })
+        .collect()
+}
+
+#[test]
+fn pods_of_several_ranks_train_the_weights_of_one_process_with_the_same_global_batch() {
+    let dir = setup();
+    let d = dir.path();
+    single(
+        d,
+        "one",
+        Run {
+            batch: 8,
+            accum: 1,
+            steps: 3,
+        },
+    );
+    // 2 pods × 2 ranks × 2 sequences.
+    let outputs = finish(start_pods(
+        d,
+        "pods",
+        Run {
+            batch: 2,
+            accum: 1,
+            steps: 3,
+        },
+        2,
+        2,
+    ));
+    for (node, output) in outputs.iter().enumerate() {
+        assert!(
+            output.status.success(),
+            "pod {node}: {}\n{}",
+            output.status,
+            std::fs::read_to_string(pod_log(d, "pods", node)).unwrap_or_default()
+        );
+    }
+    assert_same_run(d, "one", "pods", 4);
+    let result: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("pods-termination-pod-0")).expect("rank 0's result"),
+    )
+    .expect("result JSON");
+    assert_eq!(result["steps"], 3);
+    assert!(!d.join("pods-termination-pod-1").exists());
+    let stderr = std::fs::read_to_string(pod_log(d, "pods", 1)).expect("pod 1's log");
+    assert!(stderr.contains("started this pod's ranks"), "{stderr}");
+    assert!(stderr.contains(r#""first_rank":2"#), "{stderr}");
+}
+
+/// The trainer processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc") {
+        let path = entry.expect("entry").path();
+        let Some(child) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …: comm may hold spaces, so read after the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            found.push(child);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_rank_that_dies_takes_its_pods_other_ranks_down_and_the_pod_exits_non_zero_at_once() {
+    let dir = setup();
+    let d = dir.path();
+    let run = Run {
+        batch: 2,
+        accum: 1,
+        steps: 100_000,
+    };
+    let mut pods = start_pods(d, "out", run, 1, 2);
+    let started = Instant::now();
+    let ranks = loop {
+        let ranks = children_of(pods[0].id());
+        if ranks.len() == 2 {
+            break ranks;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the pod never started its two ranks"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Let them join and take a few steps.
+    std::thread::sleep(Duration::from_secs(3));
+    let victim = ranks[1];
+    std::process::Command::new("kill")
+        .args(["-KILL", &victim.to_string()])
+        .status()
+        .expect("kill");
+    let died = Instant::now();
+    let launcher = pods.remove(0);
+    let done = exit_within(vec![(0, launcher)], Duration::from_secs(20));
+    let (_, output, after) = &done[0];
+    println!(
+        "the pod exited {} {:.2}s after one of its ranks died",
+        output.status,
+        after.as_secs_f64()
+    );
+    assert!(!output.status.success(), "the pod must fail");
+    assert!(died.elapsed() < Duration::from_secs(20));
+    for rank in ranks {
+        assert!(
+            !Path::new(&format!("/proc/{rank}/stat")).exists()
+                || std::fs::read_to_string(format!("/proc/{rank}/stat"))
+                    .is_ok_and(|s| s.contains(") Z ")),
+            "rank process {rank} outlived its pod"
+        );
+    }
+}
+
+#[test]
+fn sigterm_to_a_pod_stops_its_ranks_after_a_checkpoint_and_the_pod_exits_143() {
+    let dir = setup();
+    let d = dir.path();
+    let run = Run {
+        batch: 2,
+        accum: 1,
+        steps: 100_000,
+    };
+    let mut pods = start_pods(d, "out", run, 1, 2);
+    let log = pod_log(d, "out", 0);
+    let started = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .is_ok_and(|l| l.matches(r#""message":"step""#).count() >= 4)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the pod's ranks never trained"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::process::Command::new("kill")
+        .args(["-TERM", &pods[0].id().to_string()])
+        .status()
+        .expect("kill");
+    let done = exit_within(vec![(0, pods.remove(0))], Duration::from_secs(30));
+    let (_, output, after) = &done[0];
+    println!(
+        "the pod exited {} {:.2}s after SIGTERM",
+        output.status,
+        after.as_secs_f64()
+    );
+    assert_eq!(output.status.code(), Some(143));
+    let checkpoints: Vec<_> = std::fs::read_dir(d.join("out").join("checkpoints"))
+        .expect("a checkpoint directory")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-"))
+        .collect();
+    assert_eq!(
+        checkpoints.len(),
+        1,
+        "one checkpoint, at the step both ranks stopped after"
+    );
+    let log = std::fs::read_to_string(&log).expect("log");
+    assert!(log.contains("passing it on to this pod's ranks"), "{log}");
+}

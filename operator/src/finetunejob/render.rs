@@ -310,27 +310,38 @@ fn pod_spec(
     } else {
         format!("127.0.0.1:{}", contract::RENDEZVOUS_PORT)
     };
-    let env = vec![
-        EnvVar {
-            name: contract::ENV_RANK.into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-                        .into(),
-                    ..ObjectFieldSelector::default()
-                }),
-                ..EnvVarSource::default()
+    // The pod's index in the gang; with one rank a pod it is the rank too. With several
+    // (one per GPU) the trainer launches them and gives each its rank.
+    let ranks_per_pod = spec.resources.ranks_per_pod();
+    let completion_index = |name: &str| EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+                    .into(),
+                ..ObjectFieldSelector::default()
             }),
-            ..EnvVar::default()
-        },
-        env_var(contract::ENV_WORLD_SIZE, spec.resources.nodes.to_string()),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    };
+    let mut env = vec![completion_index(contract::ENV_NODE_RANK)];
+    if ranks_per_pod == 1 {
+        env.push(completion_index(contract::ENV_RANK));
+    }
+    env.extend([
+        env_var(contract::ENV_RANKS_PER_POD, ranks_per_pod.to_string()),
+        env_var(
+            contract::ENV_WORLD_SIZE,
+            spec.resources.world_size().to_string(),
+        ),
         env_var(contract::ENV_RENDEZVOUS, rendezvous),
         env_var(
             contract::ENV_PROGRESS_ADDR,
             format!("0.0.0.0:{}", contract::PROGRESS_PORT),
         ),
         env_var(contract::ENV_TERMINATION_LOG, "/dev/termination-log".into()),
-    ];
+    ]);
 
     let claim = |volume: &str, claim_name: &str, read_only: bool| Volume {
         name: volume.into(),
@@ -500,6 +511,48 @@ mod tests {
         assert!(pod.affinity.is_none());
     }
 
+    fn env_of(children: &Children) -> Vec<EnvVar> {
+        pod(children).containers[0].env.clone().expect("env")
+    }
+
+    fn env_value(env: &[EnvVar], name: &str) -> Option<String> {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    }
+
+    #[test]
+    fn cpu_pods_with_ranks_per_node_carry_the_whole_gangs_world_size() {
+        let mut ftj = finetunejob_from_example("full-16-nodes.yaml");
+        ftj.spec.resources.gpu = None;
+        ftj.spec.resources.nodes = 2;
+        ftj.spec.resources.ranks_per_node = Some(2);
+        let env = env_of(&children(&ftj, &context(1)).expect("renders"));
+        assert_eq!(
+            env_value(&env, contract::ENV_WORLD_SIZE).as_deref(),
+            Some("4")
+        );
+        assert_eq!(
+            env_value(&env, contract::ENV_RANKS_PER_POD).as_deref(),
+            Some("2")
+        );
+        assert!(env.iter().any(|e| e.name == contract::ENV_NODE_RANK));
+        assert!(env.iter().all(|e| e.name != contract::ENV_RANK));
+
+        // One rank a pod: the pod's index is its rank.
+        ftj.spec.resources.ranks_per_node = None;
+        let env = env_of(&children(&ftj, &context(1)).expect("renders"));
+        assert_eq!(
+            env_value(&env, contract::ENV_WORLD_SIZE).as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            env_value(&env, contract::ENV_RANKS_PER_POD).as_deref(),
+            Some("1")
+        );
+        assert!(env.iter().any(|e| e.name == contract::ENV_RANK));
+    }
+
     #[test]
     fn full_job_on_16_nodes_is_an_indexed_gang_spread_one_pod_per_node() {
         let ftj = finetunejob_from_example("full-16-nodes.yaml");
@@ -539,18 +592,24 @@ mod tests {
                 .find(|e| e.name == name)
                 .and_then(|e| e.value.clone())
         };
-        assert_eq!(value(contract::ENV_WORLD_SIZE).as_deref(), Some("16"));
+        // One rank per GPU: 16 pods × 8 GPUs.
+        assert_eq!(value(contract::ENV_WORLD_SIZE).as_deref(), Some("128"));
+        assert_eq!(value(contract::ENV_RANKS_PER_POD).as_deref(), Some("8"));
         assert_eq!(
             value(contract::ENV_RENDEZVOUS).as_deref(),
             Some("domain-full-a3-0.domain-full-ranks.ml-team.svc:29500")
         );
-        let rank = env
+        let node_rank = env
             .iter()
-            .find(|e| e.name == contract::ENV_RANK)
+            .find(|e| e.name == contract::ENV_NODE_RANK)
             .and_then(|e| e.value_from.as_ref())
             .and_then(|v| v.field_ref.as_ref())
-            .expect("rank comes from the completion index");
-        assert!(rank.field_path.contains("job-completion-index"));
+            .expect("the node rank comes from the completion index");
+        assert!(node_rank.field_path.contains("job-completion-index"));
+        assert!(
+            env.iter().all(|e| e.name != contract::ENV_RANK),
+            "the pod's launcher gives each of its 8 ranks its own rank"
+        );
         let limits = pod.containers[0]
             .resources
             .as_ref()
