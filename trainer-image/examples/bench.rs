@@ -198,7 +198,11 @@ fn method_options(root: &Path, args: &Args) -> TrainOptions {
             opts.output_dir = root.join(format!("out-full-{world}-{kind}"));
             opts.checkpoint_dir = opts.output_dir.join("checkpoints");
             opts.gang = gang.map(|gang| kubetune_trainer::parallel::Gang {
-                shard_optimizer_state: !replicate,
+                sharding: if replicate {
+                    kubetune_trainer::parallel::Sharding::Replicated
+                } else {
+                    kubetune_trainer::parallel::Sharding::Full
+                },
                 ..gang
             });
         }

@@ -21,9 +21,10 @@ use crate::optim::{AdamW, Moments};
 use crate::rng::Rng;
 
 const STATE_FILE: &str = "trainer_state.json";
-const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-/// The weights of a full fine-tuning checkpoint.
-const FULL_WEIGHTS_FILE: &str = "model.safetensors";
+/// The optimizer moments of an unsharded checkpoint (`m.NAME`, `v.NAME`).
+pub(crate) const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The weights of an unsharded full fine-tuning checkpoint.
+pub(crate) const FULL_WEIGHTS_FILE: &str = "model.safetensors";
 
 /// The file a checkpoint keeps `model`'s trainable tensors in.
 fn weights_file(model: &Llama) -> &'static str {
@@ -94,12 +95,8 @@ pub fn save_checkpoint(
     moments: &Moments,
     state: &TrainerState,
 ) -> Result<PathBuf> {
-    let final_dir = dir.join(checkpoint_name(state.step));
-    let tmp_dir = dir.join(format!(".{}.partial", checkpoint_name(state.step)));
-    if tmp_dir.exists() {
-        std::fs::remove_dir_all(&tmp_dir).map_err(Error::io("remove", &tmp_dir))?;
-    }
-    std::fs::create_dir_all(&tmp_dir).map_err(Error::io("create", &tmp_dir))?;
+    let tmp_dir = partial_dir(dir, state.step);
+    begin(&tmp_dir)?;
     let params = model.trainable_params();
     let file = weights_file(model);
     let tensors = params
@@ -125,12 +122,38 @@ pub fn save_checkpoint(
         message: err.to_string(),
     })?;
     write_atomic(&tmp_dir.join(OPTIMIZER_FILE), &opt_bytes)?;
+    finish(dir, &tmp_dir, keep, state)
+}
+
+/// The temporary directory a checkpoint of `step` is written in before its rename.
+pub(crate) fn partial_dir(dir: &Path, step: u64) -> PathBuf {
+    dir.join(format!(".{}.partial", checkpoint_name(step)))
+}
+
+/// Creates the empty temporary directory `tmp_dir` (see [`partial_dir`]), removing
+/// what an interrupted attempt left there.
+pub(crate) fn begin(tmp_dir: &Path) -> Result<()> {
+    if tmp_dir.exists() {
+        std::fs::remove_dir_all(tmp_dir).map_err(Error::io("remove", tmp_dir))?;
+    }
+    std::fs::create_dir_all(tmp_dir).map_err(Error::io("create", tmp_dir))
+}
+
+/// Completes a checkpoint whose files are in `tmp_dir`: writes the trainer state,
+/// renames the directory to its final name and prunes all but the newest `keep`.
+pub(crate) fn finish(
+    dir: &Path,
+    tmp_dir: &Path,
+    keep: usize,
+    state: &TrainerState,
+) -> Result<PathBuf> {
+    let final_dir = dir.join(checkpoint_name(state.step));
     let state_json = serde_json::to_vec_pretty(state).expect("trainer state serialises");
     write_atomic(&tmp_dir.join(STATE_FILE), &state_json)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(Error::io("remove", &final_dir))?;
     }
-    std::fs::rename(&tmp_dir, &final_dir).map_err(Error::io("rename", &final_dir))?;
+    std::fs::rename(tmp_dir, &final_dir).map_err(Error::io("rename", &final_dir))?;
     let all = list_checkpoints(dir)?;
     if all.len() > keep {
         for (_, old) in &all[..all.len() - keep] {
@@ -140,15 +163,12 @@ pub fn save_checkpoint(
     Ok(final_dir)
 }
 
-/// Restores the newest checkpoint in `dir` into `model` and `optimizer` (which keeps
-/// the moments it owns), if there is one.
-pub fn resume_latest(
+/// The newest checkpoint in `dir` and its state, which must have been written by a
+/// run with `fingerprint`; `None` when there is none.
+pub(crate) fn latest_state(
     dir: &Path,
-    model: &Llama,
-    optimizer: &mut AdamW,
     fingerprint: &str,
-    device: &Device,
-) -> Result<Option<TrainerState>> {
+) -> Result<Option<(PathBuf, TrainerState)>> {
     let Some((_, path)) = list_checkpoints(dir)?.pop() else {
         return Ok(None);
     };
@@ -168,6 +188,21 @@ pub fn resume_latest(
             state.fingerprint
         )));
     }
+    Ok(Some((path, state)))
+}
+
+/// Restores the newest checkpoint in `dir` into `model` and `optimizer` (which keeps
+/// the moments it owns), if there is one.
+pub fn resume_latest(
+    dir: &Path,
+    model: &Llama,
+    optimizer: &mut AdamW,
+    fingerprint: &str,
+    device: &Device,
+) -> Result<Option<TrainerState>> {
+    let Some((path, state)) = latest_state(dir, fingerprint)? else {
+        return Ok(None);
+    };
     let load = |file: &str| -> Result<HashMap<String, Tensor>> {
         let p = path.join(file);
         let bytes = std::fs::read(&p).map_err(Error::io("read", &p))?;

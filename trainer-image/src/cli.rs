@@ -24,7 +24,7 @@ use crate::full::DEFAULT_MAX_SHARD_BYTES;
 use crate::gguf::{ImportSummary, import_gguf};
 use crate::lora::LoraSettings;
 use crate::model::{Llama, Pass, default_device};
-use crate::parallel::Gang;
+use crate::parallel::{Gang, Sharding};
 use crate::progress::{self, SharedProgress};
 use crate::tokenizer::TextTokenizer;
 use crate::train::{Control, MethodOptions, RunSummary, TrainOptions, evaluate, train};
@@ -213,9 +213,13 @@ pub struct TrainArgs {
     /// rank 0's checkpoint writes, which the others wait for.
     #[arg(long, env = ENV_COLLECTIVE_TIMEOUT, default_value_t = 300)]
     pub collective_timeout_seconds: u64,
-    /// Data-parallel runs: every rank keeps the whole optimizer state and updates
-    /// every weight itself, instead of keeping and updating its share (ZeRO stage 1,
-    /// the default: a quarter to a half less memory, one more exchange a step).
+    /// Data-parallel runs: what each rank keeps of the weights, gradients and optimizer
+    /// state. `full` (ZeRO stage 3, the default): an even share of each, the weights
+    /// gathered a block at a time; `optimizer-state` (ZeRO stage 1): whole weights and
+    /// gradients, a share of AdamW's moments; `replicated`: everything on every rank.
+    #[arg(long, env = ENV_SHARDING, default_value = "full")]
+    pub sharding: Sharding,
+    /// Data-parallel runs: the same as `--sharding replicated`.
     #[arg(long, env = ENV_REPLICATE_OPTIMIZER_STATE)]
     pub replicate_optimizer_state: bool,
     /// Behave as if SIGTERM arrived right after this step (tests and drills).
@@ -227,6 +231,8 @@ pub struct TrainArgs {
 pub const ENV_RENDEZVOUS_TIMEOUT: &str = "KUBETUNE_RENDEZVOUS_TIMEOUT_SECONDS";
 /// Overrides `--collective-timeout-seconds`.
 pub const ENV_COLLECTIVE_TIMEOUT: &str = "KUBETUNE_COLLECTIVE_TIMEOUT_SECONDS";
+/// Sets `--sharding`.
+pub const ENV_SHARDING: &str = "KUBETUNE_SHARDING";
 /// Sets `--replicate-optimizer-state` (`true`).
 pub const ENV_REPLICATE_OPTIMIZER_STATE: &str = "KUBETUNE_REPLICATE_OPTIMIZER_STATE";
 
@@ -533,7 +539,7 @@ pub fn gang_from_env(rendezvous_timeout: Duration, timeout: Duration) -> Result<
         rendezvous,
         rendezvous_timeout,
         timeout,
-        shard_optimizer_state: true,
+        sharding: Sharding::default(),
     }))
 }
 
@@ -588,7 +594,11 @@ pub async fn run_train(args: TrainArgs) -> Result<RunSummary> {
         Duration::from_secs(args.collective_timeout_seconds),
     )?
     .map(|gang| Gang {
-        shard_optimizer_state: !args.replicate_optimizer_state,
+        sharding: if args.replicate_optimizer_state {
+            Sharding::Replicated
+        } else {
+            args.sharding
+        },
         ..gang
     });
     if let (MethodOptions::Full { max_shard_bytes }, Some(bytes)) =

@@ -41,6 +41,23 @@ pub fn save_full_model(
     out: &Path,
     max_shard_bytes: u64,
 ) -> Result<Artifact> {
+    let tensors = model
+        .full_params()
+        .into_iter()
+        .map(|(name, var)| (name, var.as_tensor().clone()))
+        .collect();
+    save_full_tensors(tensors, source, out, max_shard_bytes)
+}
+
+/// Writes `tensors` (every weight, by Hugging Face name, in checkpoint order) into
+/// `out` as a Hugging Face checkpoint with `config.json` and the tokenizer files of
+/// `source`; see [`save_full_model`].
+pub fn save_full_tensors(
+    tensors: Vec<(String, Tensor)>,
+    source: &Path,
+    out: &Path,
+    max_shard_bytes: u64,
+) -> Result<Artifact> {
     std::fs::create_dir_all(out).map_err(Error::io("create", out))?;
     let config_path = source.join("config.json");
     let mut config: serde_json::Value =
@@ -57,12 +74,6 @@ pub fn save_full_model(
             std::fs::copy(&from, &to).map_err(Error::io("copy", &to))?;
         }
     }
-
-    let tensors = model
-        .full_params()
-        .into_iter()
-        .map(|(name, var)| (name, var.as_tensor().clone()))
-        .collect();
     write_weights(out, tensors, max_shard_bytes)
 }
 

@@ -125,6 +125,7 @@ pub mod serve;
 pub mod test_support;
 pub mod tokenizer;
 pub mod train;
+pub mod zero3;
 
 pub use error::{Error, Result};
 use kubetune_crds::training::contract;

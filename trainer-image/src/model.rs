@@ -193,6 +193,38 @@ impl Linear {
     }
 }
 
+/// The Hugging Face names and shapes of block `layer`'s tensors, in the order
+/// [`Llama::make_trainable`] lists them: input norm, the seven linears (each weight,
+/// then its bias where the architecture has one), post-attention norm.
+pub fn block_tensors(config: &ModelConfig, layer: usize) -> Vec<(String, Vec<usize>)> {
+    let p = format!("model.layers.{layer}");
+    let (h, inter) = (config.hidden_size, config.intermediate_size);
+    let q_out = config.num_attention_heads * config.head_dim();
+    let kv_out = config.kv_heads() * config.head_dim();
+    let mut specs = vec![(format!("{p}.input_layernorm.weight"), vec![h])];
+    for (module, out, inp) in [
+        (TargetModule::QProj, q_out, h),
+        (TargetModule::KProj, kv_out, h),
+        (TargetModule::VProj, kv_out, h),
+        (TargetModule::OProj, h, q_out),
+        (TargetModule::GateProj, inter, h),
+        (TargetModule::UpProj, inter, h),
+        (TargetModule::DownProj, h, inter),
+    ] {
+        let key = hf_key(layer, module);
+        specs.push((format!("{key}.weight"), vec![out, inp]));
+        let biased = matches!(
+            module,
+            TargetModule::QProj | TargetModule::KProj | TargetModule::VProj
+        ) && config.qkv_bias();
+        if biased {
+            specs.push((format!("{key}.bias"), vec![out]));
+        }
+    }
+    specs.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+    specs
+}
+
 /// One decoder block.
 #[derive(Clone, Debug)]
 pub struct Block {
@@ -208,6 +240,60 @@ pub struct Block {
 }
 
 impl Block {
+    /// Block `layer` of a model of `config` from its checkpoint tensors: `get(name,
+    /// shape)` gives each by its Hugging Face name (see [`block_tensors`]), in the
+    /// dtype it is to be held in; linear weights are quantized when `format` says so.
+    pub fn assemble(
+        config: &ModelConfig,
+        layer: usize,
+        format: BaseFormat,
+        get: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let p = format!("model.layers.{layer}");
+        let (h, inter) = (config.hidden_size, config.intermediate_size);
+        let q_out = config.num_attention_heads * config.head_dim();
+        let kv_out = config.kv_heads() * config.head_dim();
+        let qkv_bias = config.qkv_bias();
+        let mut linear = |name: &str, module, out: usize, inp: usize, bias: bool| {
+            let dense = get(&format!("{p}.{name}.weight"), &[out, inp])?;
+            let weight = match format {
+                BaseFormat::Frozen | BaseFormat::Master => BaseWeight::Dense(dense),
+                BaseFormat::Nf4 { double_quant } => {
+                    BaseWeight::Nf4(Arc::new(Nf4Weight::quantize(&dense, double_quant)?))
+                }
+            };
+            let bias = if bias {
+                Some(get(&format!("{p}.{name}.bias"), &[out])?)
+            } else {
+                None
+            };
+            Ok::<_, Error>(Linear {
+                weight,
+                bias,
+                lora: None,
+                module,
+            })
+        };
+        let q = linear("self_attn.q_proj", TargetModule::QProj, q_out, h, qkv_bias)?;
+        let k = linear("self_attn.k_proj", TargetModule::KProj, kv_out, h, qkv_bias)?;
+        let v = linear("self_attn.v_proj", TargetModule::VProj, kv_out, h, qkv_bias)?;
+        let o = linear("self_attn.o_proj", TargetModule::OProj, h, q_out, false)?;
+        let gate = linear("mlp.gate_proj", TargetModule::GateProj, inter, h, false)?;
+        let up = linear("mlp.up_proj", TargetModule::UpProj, inter, h, false)?;
+        let down = linear("mlp.down_proj", TargetModule::DownProj, h, inter, false)?;
+        Ok(Self {
+            input_norm: get(&format!("{p}.input_layernorm.weight"), &[h])?,
+            post_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            q,
+            k,
+            v,
+            o,
+            gate,
+            up,
+            down,
+        })
+    }
+
     /// The block's linear layers in checkpoint order.
     pub fn linears(&self) -> [&Linear; 7] {
         [
@@ -302,7 +388,9 @@ pub fn checkpoint_shards(model_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(shards)
 }
 
-struct Weights {
+/// A checkpoint directory's safetensors, memory-mapped: tensors are read (and
+/// converted) one at a time, by name.
+pub(crate) struct Weights {
     st: MmapedSafetensors,
     dtype: DType,
     device: Device,
@@ -310,7 +398,8 @@ struct Weights {
 }
 
 impl Weights {
-    fn open(model_dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+    /// Maps the weights of `model_dir`, to be read as `dtype` onto `device`.
+    pub(crate) fn open(model_dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let shards = checkpoint_shards(model_dir)?;
         // SAFETY: the checkpoint files are mapped read-only and the trainer never writes
         // to them; a change by another process while mapped would be outside the
@@ -330,11 +419,13 @@ impl Weights {
         })
     }
 
-    fn has(&self, name: &str) -> bool {
+    /// Whether the checkpoint has a tensor `name`.
+    pub(crate) fn has(&self, name: &str) -> bool {
         self.st.get(name).is_ok()
     }
 
-    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    /// Tensor `name`, which must have `shape`.
+    pub(crate) fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let tensor = self.st.load(name, &self.device).map_err(|_| {
             Error::invalid(format!(
                 "checkpoint {} has no tensor {name}",
@@ -377,46 +468,12 @@ impl Llama {
         };
         let w = Weights::open(model_dir, stored, device)?;
         let h = config.hidden_size;
-        let inter = config.intermediate_size;
-        let hd = config.head_dim();
-        let q_out = config.num_attention_heads * hd;
-        let kv_out = config.kv_heads() * hd;
         let embed = w.get("model.embed_tokens.weight", &[config.vocab_size, h])?;
         let mut blocks = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let linear =
-                |name: &str, module, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-                    let dense = w.get(&format!("{p}.{name}.weight"), &[out, inp])?;
-                    let weight = match format {
-                        BaseFormat::Frozen | BaseFormat::Master => BaseWeight::Dense(dense),
-                        BaseFormat::Nf4 { double_quant } => {
-                            BaseWeight::Nf4(Arc::new(Nf4Weight::quantize(&dense, double_quant)?))
-                        }
-                    };
-                    Ok(Linear {
-                        weight,
-                        bias: if bias {
-                            Some(w.get(&format!("{p}.{name}.bias"), &[out])?)
-                        } else {
-                            None
-                        },
-                        lora: None,
-                        module,
-                    })
-                };
-            let qkv_bias = config.qkv_bias();
-            blocks.push(Block {
-                input_norm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                q: linear("self_attn.q_proj", TargetModule::QProj, q_out, h, qkv_bias)?,
-                k: linear("self_attn.k_proj", TargetModule::KProj, kv_out, h, qkv_bias)?,
-                v: linear("self_attn.v_proj", TargetModule::VProj, kv_out, h, qkv_bias)?,
-                o: linear("self_attn.o_proj", TargetModule::OProj, h, q_out, false)?,
-                gate: linear("mlp.gate_proj", TargetModule::GateProj, inter, h, false)?,
-                up: linear("mlp.up_proj", TargetModule::UpProj, inter, h, false)?,
-                down: linear("mlp.down_proj", TargetModule::DownProj, h, inter, false)?,
-            });
+            blocks.push(Block::assemble(&config, i, format, &mut |name, shape| {
+                w.get(name, shape)
+            })?);
         }
         let norm = w.get("model.norm.weight", &[h])?;
         let lm_head = if config.tie_word_embeddings && !w.has("lm_head.weight") {
@@ -424,6 +481,18 @@ impl Llama {
         } else {
             Some(w.get("lm_head.weight", &[config.vocab_size, h])?)
         };
+        let mut model = Self::shell(config, dtype, device)?;
+        model.set_ends(embed, norm, lm_head);
+        model.blocks = blocks;
+        Ok(model)
+    }
+
+    /// A model of `config` holding no weights yet: what a sharded run (see
+    /// [`crate::zero3`]) computes with, handing it the end weights it has gathered
+    /// ([`Self::set_ends`]) and running the blocks it gathers one at a time
+    /// ([`Self::forward_block`]).
+    pub fn shell(config: ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let none = Tensor::zeros(0, DType::F32, device)?;
         Ok(Self {
             config,
             lora: LoraSettings {
@@ -433,14 +502,22 @@ impl Llama {
                 rs_lora: false,
                 targets: Vec::new(),
             },
-            embed,
-            blocks,
-            norm,
-            lm_head,
+            embed: none.clone(),
+            blocks: Vec::new(),
+            norm: none,
+            lm_head: None,
             dtype,
             device: device.clone(),
             full: Vec::new(),
         })
+    }
+
+    /// Sets the weights outside the blocks: the embedding (also the LM head when
+    /// `lm_head` is `None` and the embeddings are tied) and the final norm.
+    pub fn set_ends(&mut self, embed: Tensor, norm: Tensor, lm_head: Option<Tensor>) {
+        self.embed = embed;
+        self.norm = norm;
+        self.lm_head = lm_head;
     }
 
     /// Makes every weight trainable (full fine-tuning): each becomes an f32 [`Var`], the
@@ -677,7 +754,19 @@ impl Llama {
         pos: &Positions,
         pass: Pass,
     ) -> Result<Tensor> {
-        let block = &self.blocks[index];
+        self.forward_block(&self.blocks[index], index, x, pos, pass)
+    }
+
+    /// Runs `block`, as block `index` of this model, on `x`: the blocks of a sharded
+    /// model exist only while their parameters are gathered.
+    pub fn forward_block(
+        &self,
+        block: &Block,
+        index: usize,
+        x: &Tensor,
+        pos: &Positions,
+        pass: Pass,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());

@@ -22,6 +22,9 @@
 //! way. Checkpoints still hold the whole state: the owners send their moments to rank
 //! 0 when one is written, and every rank keeps its share of them on resume.
 //!
+//! Stage 1 is an option ([`Sharding::OptimizerState`]); the default shards the weights
+//! and gradients too ([`Sharding::Full`], see [`crate::zero3`]).
+//!
 //! With one rank (no gang) every collective is the identity.
 
 use std::time::Duration;
@@ -44,9 +47,45 @@ pub struct Gang {
     pub rendezvous_timeout: Duration,
     /// How long one collective (a gradient sum) may wait for the other ranks.
     pub timeout: Duration,
-    /// Whether each rank keeps only its share of the optimizer state ([`Partition`]);
-    /// otherwise every rank keeps all of it and updates every parameter itself.
-    pub shard_optimizer_state: bool,
+    /// What each rank keeps of the training state.
+    pub sharding: Sharding,
+}
+
+/// What each rank of a data-parallel gang keeps of the weights, gradients and
+/// optimizer state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Sharding {
+    /// ZeRO stage 3 ([`crate::zero3`]): an even share of each; weights are gathered a
+    /// unit at a time when used. 16/W bytes a weight per rank, for the state.
+    #[default]
+    Full,
+    /// ZeRO stage 1 ([`Partition`]): whole weights and gradients, a share of the
+    /// optimizer state. 8 + 8/W bytes a weight.
+    OptimizerState,
+    /// Every rank keeps everything and updates every weight itself. 16 bytes a weight.
+    Replicated,
+}
+
+impl Sharding {
+    /// The name `--sharding` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::OptimizerState => "optimizer-state",
+            Self::Replicated => "replicated",
+        }
+    }
+}
+
+impl std::str::FromStr for Sharding {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        [Self::Full, Self::OptimizerState, Self::Replicated]
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| format!("sharding {s:?}: expected full, optimizer-state or replicated"))
+    }
 }
 
 /// The ranks of a run as the training loop sees them.
@@ -279,6 +318,45 @@ impl Ranks {
                 receive(root, i, &flat[offset..offset + n])?;
                 offset += n;
             }
+        }
+        Ok(())
+    }
+
+    /// Every rank's `shard` (all the same length), in rank order, into `out`
+    /// (`world_size × shard.len()` elements): with one rank, a copy.
+    pub fn allgather(&mut self, shard: &[f32], out: &mut [f32]) -> Result<()> {
+        #[cfg(feature = "gloo")]
+        if let Some(comm) = &mut self.comm {
+            return comm.allgather_f32(shard, out).map_err(collective);
+        }
+        if out.len() != shard.len() * self.world_size {
+            return Err(Error::Collective(format!(
+                "an all-gather of {} elements needs {} of output, not {}",
+                shard.len(),
+                shard.len() * self.world_size,
+                out.len()
+            )));
+        }
+        out.copy_from_slice(shard);
+        Ok(())
+    }
+
+    /// Sums `data` (a multiple of `world_size` elements) across ranks and returns this
+    /// rank's segment of the sum (segment r of `world_size` equal ones); the rest of
+    /// `data` is scratch afterwards. With one rank, all of `data`.
+    pub fn reduce_scatter<'a>(&mut self, data: &'a mut [f32]) -> Result<&'a [f32]> {
+        #[cfg(feature = "gloo")]
+        if let Some(comm) = &mut self.comm {
+            return comm.reduce_scatter_sum_f32(data).map_err(collective);
+        }
+        Ok(data)
+    }
+
+    /// Returns once every rank has called it.
+    pub fn barrier(&mut self) -> Result<()> {
+        #[cfg(feature = "gloo")]
+        if let Some(comm) = &mut self.comm {
+            comm.barrier().map_err(collective)?;
         }
         Ok(())
     }

@@ -18,7 +18,7 @@
 //! with the global batch.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -29,6 +29,7 @@ use serde::Serialize;
 
 use crate::adapter::{Artifact, save_adapter, write_atomic};
 use crate::checkpoint::{TrainerState, resume_latest, save_checkpoint};
+use crate::config::ModelConfig;
 use crate::data::{
     Batch, Example, PreferencePair, epoch_order, load_dataset, load_preferences, make_batch,
     split_eval,
@@ -40,12 +41,13 @@ use crate::dpo::{
 use crate::error::{Error, Result};
 use crate::full::save_full_model;
 use crate::lora::{DropoutKey, LoraSettings};
-use crate::model::{BaseFormat, Llama, Pass};
+use crate::model::{BaseFormat, Llama, Pass, compute_dtype};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, learning_rate};
-use crate::parallel::{Gang, Partition, Ranks, weights_fingerprint};
+use crate::parallel::{Gang, Partition, Ranks, Sharding, weights_fingerprint};
 use crate::progress::{SharedProgress, update};
 use crate::rng::Rng;
 use crate::tokenizer::TextTokenizer;
+use crate::zero3::{Traffic, Zero3};
 
 /// The fine-tuning method of a run and its settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -136,6 +138,18 @@ pub struct TrainOptions {
     pub gang: Option<Gang>,
 }
 
+impl TrainOptions {
+    /// Whether this run is fully sharded across its gang ([`Sharding::Full`], method
+    /// full, more than one rank): see [`crate::zero3`].
+    pub fn is_fully_sharded(&self) -> bool {
+        matches!(self.method, MethodOptions::Full { .. })
+            && self
+                .gang
+                .as_ref()
+                .is_some_and(|g| g.world_size > 1 && g.sharding == Sharding::Full)
+    }
+}
+
 /// What a finished run reports (also written as `metrics.json`).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -176,6 +190,12 @@ pub struct RunSummary {
     /// Bytes of optimizer state (AdamW's moments) this rank held: all of it alone or
     /// replicated, its share when sharded across a gang.
     pub optimizer_state_bytes: u64,
+    /// Bytes of training state this rank held between steps: weights, gradients and
+    /// optimizer state (its shares of them when fully sharded).
+    pub state_bytes: u64,
+    /// Data-parallel runs: bytes this rank sent in collectives in the last attempt.
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    pub collective_bytes: u64,
     /// Whether this process wrote the outputs: rank 0 of a gang, or a lone process.
     /// Other ranks write nothing, and their `adapter` is empty.
     #[serde(skip)]
@@ -184,6 +204,10 @@ pub struct RunSummary {
 
 fn is_zero(x: &f64) -> bool {
     *x == 0.0
+}
+
+fn is_zero_u64(x: &u64) -> bool {
+    *x == 0
 }
 
 /// Summed loss and the target count of a dataset under `pass`.
@@ -475,6 +499,7 @@ pub struct Prepared {
 /// the batches and the sums are added up.
 fn eval_under(
     model: &Llama,
+    engine: &mut Engine<'_>,
     data: &Data,
     opts: &TrainOptions,
     pad: u32,
@@ -484,15 +509,7 @@ fn eval_under(
     match (data, opts.method) {
         (Data::Sft { eval, .. }, _) if eval.is_empty() => Ok((None, None)),
         (Data::Sft { eval, .. }, _) => {
-            let (sum, count) = evaluate_shard(
-                model,
-                eval,
-                opts.batch_size,
-                pad,
-                pass,
-                ranks.rank(),
-                ranks.world_size(),
-            )?;
+            let (sum, count) = engine.evaluate(model, ranks, eval, opts.batch_size, pad, pass)?;
             let mut figures = [sum, count as f64];
             ranks.sum_figures(&mut figures)?;
             Ok((Some(figures[0] / figures[1].max(1.0)), None))
@@ -529,7 +546,17 @@ pub fn prepare(opts: &TrainOptions, device: &Device) -> Result<Prepared> {
     if !full && opts.lora.targets.is_empty() {
         return Err(Error::invalid("LoRA needs at least one target module"));
     }
-    let mut model = Llama::load_as(&opts.model_dir, device, opts.method.base_format())?;
+    let mut model = if opts.is_fully_sharded() {
+        // Each rank reads its shards itself (crate::zero3); the whole model is never
+        // loaded.
+        Llama::shell(
+            ModelConfig::load(&opts.model_dir)?,
+            compute_dtype(device),
+            device,
+        )?
+    } else {
+        Llama::load_as(&opts.model_dir, device, opts.method.base_format())?
+    };
     let tokenizer = TextTokenizer::load(&opts.model_dir, &model.config)?;
     if tokenizer.vocab_size() > model.config.vocab_size {
         return Err(Error::invalid(format!(
@@ -570,13 +597,14 @@ pub fn prepare(opts: &TrainOptions, device: &Device) -> Result<Prepared> {
         };
         Data::Sft { train, eval }
     };
-    if full {
-        model.make_trainable()?;
-    } else {
+    if !full {
         model.add_lora(
             opts.lora.clone(),
             &mut Rng::derive(opts.seed, 0x696e_6974, 0),
         )?;
+    }
+    if full && !opts.is_fully_sharded() {
+        model.make_trainable()?;
     }
     Ok(Prepared {
         model,
@@ -643,42 +671,41 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
     let print = fingerprint(opts, n_train, total_steps, global_batch);
     let params_named = model.trainable_params();
     let params: Vec<&Var> = params_named.iter().map(|(_, v)| *v).collect();
-    let partition = match &opts.gang {
-        Some(gang) if gang.shard_optimizer_state && ranks.world_size() > 1 => {
-            let sizes: Vec<usize> = params.iter().map(|p| p.elem_count()).collect();
-            Partition::balanced(&sizes, ranks.world_size())
-        }
-        _ => Partition::Replicated(params.len()),
+    let adamw = AdamWConfig {
+        weight_decay: opts.weight_decay,
+        ..AdamWConfig::default()
     };
-    let mut optimizer = AdamW::sharded(
-        AdamWConfig {
-            weight_decay: opts.weight_decay,
-            ..AdamWConfig::default()
-        },
-        &params,
-        &partition.owned_by(ranks.rank()),
-    )?;
+    let mut engine = if opts.is_fully_sharded() {
+        Engine::Sharded(Box::new(Zero3::load(
+            &opts.model_dir,
+            model.config.clone(),
+            &ranks,
+            compute_dtype(device),
+            device,
+            adamw,
+        )?))
+    } else {
+        Engine::local(&params, adamw, opts.gang.as_ref(), &ranks)?
+    };
     if ranks.world_size() > 1 {
-        // Two f32 moments a weight.
-        let all: usize = params.iter().map(|p| 2 * 4 * p.elem_count()).sum();
         tracing::info!(
             rank = ranks.rank(),
-            sharded = !partition.is_replicated(),
-            optimizer_state_mib = optimizer.state_bytes() as f64 / MIB,
-            all_optimizer_state_mib = all as f64 / MIB,
-            "optimizer state on this rank"
+            sharding = opts.gang.as_ref().map_or("none", |g| g.sharding.as_str()),
+            state_mib = engine.state_bytes() as f64 / MIB,
+            optimizer_state_mib = engine.optimizer_state_bytes() as f64 / MIB,
+            "training state on this rank"
         );
     }
     std::fs::create_dir_all(&opts.checkpoint_dir)
         .map_err(Error::io("create", &opts.checkpoint_dir))?;
-    let resumed = resume_latest(&opts.checkpoint_dir, &model, &mut optimizer, &print, device)?;
-    // Every rank reads rank 0's checkpoints from the shared checkpoint directory; they
-    // must agree on where they are, and start from rank 0's weights.
+    let resumed = engine.resume_latest(&model, &opts.checkpoint_dir, &print, device)?;
+    // Every rank reads the checkpoints from the shared checkpoint directory; they must
+    // agree on where they are, and replicas start from rank 0's weights.
     ranks.check_same(
         "the step to resume from (the checkpoint directory must be shared by all ranks)",
         resumed.as_ref().map_or(0, |s| s.step) as f64,
     )?;
-    ranks.broadcast_params(&params)?;
+    engine.broadcast_weights(&mut ranks)?;
     let mut state = match resumed {
         Some(state) => {
             tracing::info!(step = state.step, "resumed from checkpoint");
@@ -686,7 +713,15 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         }
         None => {
             update(&control.progress, |p| p.phase = "evaluating".into());
-            let (base_eval_loss, _) = eval_under(&model, &data, opts, pad, Pass::BASE, &mut ranks)?;
+            let (base_eval_loss, _) = eval_under(
+                &model,
+                &mut engine,
+                &data,
+                opts,
+                pad,
+                Pass::BASE,
+                &mut ranks,
+            )?;
             tracing::info!(base_eval_loss, "evaluated the base model");
             TrainerState {
                 step: 0,
@@ -712,15 +747,13 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
     let mut attempt_tokens = 0u64;
     let mut order_cache: Option<(u64, Vec<usize>)> = None;
     let mut last_metrics = BTreeMap::new();
-    let mut collective_seconds = 0.0;
     while state.step < total_steps {
-        // This step's micro-batches: this rank's share of each, and the weight of the
-        // whole step (every rank's share).
+        // This step's micro-batches: this rank's share of each (none at the end of an
+        // epoch), and the weight of the whole step (every rank's share).
         let mut batches = Vec::with_capacity(opts.grad_accum);
-        let mut micro_indices = Vec::with_capacity(opts.grad_accum);
         let mut weight = 0;
         for _ in 0..accum {
-            let m = state.micro_batch + micro_indices.len() as u64;
+            let m = state.micro_batch + batches.len() as u64;
             if m >= total_micro {
                 break;
             }
@@ -734,15 +767,16 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
             let global = &order[index * global_batch..end];
             weight += data.weight(global);
             let mine = ranks.shard(global, opts.batch_size);
-            if !mine.is_empty() {
-                batches.push((m, data.micro_batch(mine, pad, device)?));
-            }
-            micro_indices.push(m);
+            let batch = if mine.is_empty() {
+                None
+            } else {
+                Some(data.micro_batch(mine, pad, device)?)
+            };
+            batches.push((m, batch));
         }
         let scale = 1.0 / weight.max(1) as f64;
         let mut step_tokens = 0u64;
         let mut loss_sum = 0.0;
-        let mut grads: Option<Vec<Tensor>> = None;
         let mut dpo_stats = DpoStats::default();
         // Dropout masks of this step derive from the run's generator, which the
         // checkpoint stores, and from the micro-batch's position in the stream.
@@ -755,46 +789,15 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
                     micro_batch: *m,
                 }),
             };
-            let (loss, g) = match (batch, opts.method) {
-                (MicroBatch::Sft(b), _) => {
-                    forward_backward(&model, b, &params, scale, pass, opts.recompute)?
-                }
-                (MicroBatch::Dpo(pb), MethodOptions::Dpo(settings)) => {
-                    let (loss, g, stats) = dpo_forward_backward(
-                        &model,
-                        pb,
-                        &params,
-                        scale,
-                        pass,
-                        opts.recompute,
-                        settings,
-                    )?;
-                    dpo_stats.add(&stats);
-                    (loss, g)
-                }
-                (MicroBatch::Dpo(_), _) => {
-                    return Err(Error::invalid("preference data needs method dpo"));
-                }
+            let micro = Micro {
+                batch: batch.as_ref(),
+                scale,
+                pass,
             };
-            loss_sum += loss;
-            grads = Some(match grads {
-                None => g,
-                Some(acc) => acc
-                    .into_iter()
-                    .zip(g)
-                    .map(|(a, b)| Ok((a + b)?))
-                    .collect::<Result<Vec<_>>>()?,
-            });
-            step_tokens += batch.tokens() as u64;
+            loss_sum +=
+                engine.forward_backward(&model, &mut ranks, &micro, opts, &mut dpo_stats)?;
+            step_tokens += batch.as_ref().map_or(0, |b| b.tokens() as u64);
         }
-        // A rank whose shares were all empty (the end of an epoch) adds zeros.
-        let mut grads = match grads {
-            Some(grads) => grads,
-            None => params
-                .iter()
-                .map(|p| p.as_tensor().zeros_like())
-                .collect::<candle_core::Result<Vec<_>>>()?,
-        };
         // A stop (SIGTERM) on any rank stops all of them after this same step.
         let stop_requested = control.stop.load(Ordering::SeqCst)
             || opts.interrupt_after_step == Some(state.step + 1);
@@ -803,15 +806,6 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
             step_tokens as f64,
             f64::from(u8::from(stop_requested)),
         ];
-        let exchange = Instant::now();
-        ranks.sum(&mut grads, &mut figures)?;
-        if ranks.world_size() > 1 {
-            collective_seconds += exchange.elapsed().as_secs_f64();
-        }
-        let [loss_sum, step_tokens, stops] = figures;
-        attempt_tokens += step_tokens as u64;
-        state.tokens_seen += step_tokens as u64;
-        let grad_norm = clip_grad_norm(&mut grads, opts.max_grad_norm)?;
         let lr = learning_rate(
             opts.learning_rate,
             opts.scheduler,
@@ -819,14 +813,12 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
             state.step,
             total_steps,
         );
-        optimizer.update(&params, &grads, lr)?;
-        let exchange = Instant::now();
-        ranks.share_updates(&params, &partition)?;
-        if ranks.world_size() > 1 {
-            collective_seconds += exchange.elapsed().as_secs_f64();
-        }
+        let grad_norm = engine.step(&mut ranks, &mut figures, lr, opts.max_grad_norm)?;
+        let [loss_sum, step_tokens, stops] = figures;
+        attempt_tokens += step_tokens as u64;
+        state.tokens_seen += step_tokens as u64;
         state.step += 1;
-        state.micro_batch += micro_indices.len() as u64;
+        state.micro_batch += batches.len() as u64;
         let loss = loss_sum * scale;
         state.loss_history.push(loss);
         let step_metrics = if dpo_stats.pairs > 0 {
@@ -864,16 +856,8 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
 
         let stop = stops > 0.0;
         if state.step % opts.checkpoint_every.max(1) == 0 || stop {
-            // Every rank takes part (sharded moments come from their owners); rank 0
-            // writes.
-            if let Some(moments) = ranks.gather_moments(&optimizer, &params, &partition)? {
-                let path = save_checkpoint(
-                    &opts.checkpoint_dir,
-                    opts.checkpoint_keep.max(1),
-                    &model,
-                    &moments,
-                    &state,
-                )?;
+            let written = engine.save_checkpoint(&model, &mut ranks, opts, &state)?;
+            if let Some(path) = written {
                 tracing::info!(step = state.step, path = %path.display(), "checkpoint written");
             }
         }
@@ -883,12 +867,16 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
     }
 
     update(&control.progress, |p| p.phase = "evaluating".into());
-    let (eval_loss, eval_dpo) = eval_under(&model, &data, opts, pad, Pass::EVAL, &mut ranks)?;
-    // Identical summed gradients and identical steps keep the ranks' weights
-    // identical; confirm it before rank 0 writes them as the result of all.
-    if ranks.world_size() > 1 {
-        ranks.check_same("the trained weights", weights_fingerprint(&params)?)?;
-    }
+    let (eval_loss, eval_dpo) = eval_under(
+        &model,
+        &mut engine,
+        &data,
+        opts,
+        pad,
+        Pass::EVAL,
+        &mut ranks,
+    )?;
+    engine.check_replicas(&mut ranks)?;
     let mut metrics = last_metrics;
     if let Some(stats) = eval_dpo {
         for (key, value) in stats.metrics() {
@@ -905,17 +893,14 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         p.eval_loss = eval_loss;
         p.metrics = metrics.clone();
     });
-    let adapter = match opts.method {
-        _ if !ranks.is_primary() => Artifact {
+    let adapter = engine
+        .save_outputs(&model, &mut ranks, opts)?
+        .unwrap_or(Artifact {
             sha256: String::new(),
             size_bytes: 0,
-        },
-        MethodOptions::Full { max_shard_bytes } => {
-            save_full_model(&model, &opts.model_dir, &opts.output_dir, max_shard_bytes)?
-        }
-        _ => save_adapter(&model, &opts.output_dir, opts.base_model_name.as_deref())?,
-    };
+        });
     let elapsed = train_started.elapsed().as_secs_f64();
+    let traffic = engine.traffic();
     let summary = RunSummary {
         steps: state.step,
         train_examples: n_train,
@@ -929,8 +914,10 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         resumed_from_step,
         adapter,
         metrics,
-        collective_seconds,
-        optimizer_state_bytes: optimizer.state_bytes(),
+        collective_seconds: traffic.seconds,
+        collective_bytes: traffic.bytes_sent,
+        optimizer_state_bytes: engine.optimizer_state_bytes(),
+        state_bytes: engine.state_bytes(),
         primary: ranks.is_primary(),
     };
     if summary.primary {
@@ -939,4 +926,310 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
     }
     update(&control.progress, |p| p.phase = "done".into());
     Ok(summary)
+}
+
+/// One micro-batch of a step as an engine sees it: this rank's share (none when it
+/// got no examples), the loss scale of the whole step, and the pass.
+struct Micro<'a> {
+    batch: Option<&'a MicroBatch>,
+    scale: f64,
+    pass: Pass,
+}
+
+/// How the training state is held and updated: whole weights in this process
+/// (alone, replicated, or with the optimizer state sharded: ZeRO stage 1), or fully
+/// sharded across the gang (ZeRO stage 3).
+enum Engine<'m> {
+    /// The model's own trainable variables.
+    Local(Local<'m>),
+    /// This rank's shards ([`Zero3`]).
+    Sharded(Box<Zero3>),
+}
+
+/// Whole weights in this process.
+struct Local<'m> {
+    params: Vec<&'m Var>,
+    partition: Partition,
+    optimizer: AdamW,
+    /// This step's summed gradients so far.
+    grads: Option<Vec<Tensor>>,
+    traffic: Traffic,
+}
+
+impl<'m> Engine<'m> {
+    fn local(
+        params: &[&'m Var],
+        adamw: AdamWConfig,
+        gang: Option<&Gang>,
+        ranks: &Ranks,
+    ) -> Result<Self> {
+        let partition = match gang {
+            Some(gang) if gang.sharding == Sharding::OptimizerState && ranks.world_size() > 1 => {
+                let sizes: Vec<usize> = params.iter().map(|p| p.elem_count()).collect();
+                Partition::balanced(&sizes, ranks.world_size())
+            }
+            _ => Partition::Replicated(params.len()),
+        };
+        let optimizer = AdamW::sharded(adamw, params, &partition.owned_by(ranks.rank()))?;
+        Ok(Self::Local(Local {
+            params: params.to_vec(),
+            partition,
+            optimizer,
+            grads: None,
+            traffic: Traffic::default(),
+        }))
+    }
+
+    /// Forward and backward of one micro-batch; returns its summed loss and adds its
+    /// gradient to the step's.
+    fn forward_backward(
+        &mut self,
+        model: &Llama,
+        ranks: &mut Ranks,
+        micro: &Micro<'_>,
+        opts: &TrainOptions,
+        dpo_stats: &mut DpoStats,
+    ) -> Result<f64> {
+        let Micro { batch, scale, pass } = *micro;
+        let local = match self {
+            Self::Sharded(zero3) => {
+                return match batch {
+                    Some(MicroBatch::Sft(b)) => zero3.forward_backward(ranks, Some(b), scale, pass),
+                    None => zero3.forward_backward(ranks, None, scale, pass),
+                    Some(MicroBatch::Dpo(_)) => {
+                        Err(Error::invalid("preference data needs method dpo"))
+                    }
+                };
+            }
+            Self::Local(local) => local,
+        };
+        let Some(batch) = batch else {
+            return Ok(0.0);
+        };
+        let params = &local.params;
+        let (loss, g) = match (batch, opts.method) {
+            (MicroBatch::Sft(b), _) => {
+                forward_backward(model, b, params, scale, pass, opts.recompute)?
+            }
+            (MicroBatch::Dpo(pb), MethodOptions::Dpo(settings)) => {
+                let (loss, g, stats) =
+                    dpo_forward_backward(model, pb, params, scale, pass, opts.recompute, settings)?;
+                dpo_stats.add(&stats);
+                (loss, g)
+            }
+            (MicroBatch::Dpo(_), _) => {
+                return Err(Error::invalid("preference data needs method dpo"));
+            }
+        };
+        local.grads = Some(match local.grads.take() {
+            None => g,
+            Some(acc) => acc
+                .into_iter()
+                .zip(g)
+                .map(|(a, b)| Ok((a + b)?))
+                .collect::<Result<Vec<_>>>()?,
+        });
+        Ok(loss)
+    }
+
+    /// Sums the step's gradients and `figures` over the ranks, clips the gradients'
+    /// global norm to `max_norm` and takes the optimizer step with `lr`; returns the
+    /// norm before clipping.
+    fn step(
+        &mut self,
+        ranks: &mut Ranks,
+        figures: &mut [f64],
+        lr: f64,
+        max_norm: f64,
+    ) -> Result<f64> {
+        let local = match self {
+            Self::Sharded(zero3) => {
+                ranks.sum_figures(figures)?;
+                return zero3.step(ranks, lr, max_norm);
+            }
+            Self::Local(local) => local,
+        };
+        // A rank whose shares were all empty (the end of an epoch) adds zeros.
+        let mut grads = match local.grads.take() {
+            Some(grads) => grads,
+            None => local
+                .params
+                .iter()
+                .map(|p| p.as_tensor().zeros_like())
+                .collect::<candle_core::Result<Vec<_>>>()?,
+        };
+        let exchange = Instant::now();
+        ranks.sum(&mut grads, figures)?;
+        let mut seconds = exchange.elapsed().as_secs_f64();
+        let grad_norm = clip_grad_norm(&mut grads, max_norm)?;
+        local.optimizer.update(&local.params, &grads, lr)?;
+        let exchange = Instant::now();
+        ranks.share_updates(&local.params, &local.partition)?;
+        seconds += exchange.elapsed().as_secs_f64();
+        if ranks.world_size() > 1 {
+            let n = ranks.world_size() as u64;
+            let bytes: u64 = local.params.iter().map(|p| 4 * p.elem_count() as u64).sum();
+            // A ring all-reduce sends 2(n−1)/n of the gradients; the owners'
+            // broadcasts of their updated weights, (n−1)/n of them in all.
+            let shared = if local.partition.is_replicated() {
+                0
+            } else {
+                1
+            };
+            local.traffic.seconds += seconds;
+            local.traffic.bytes_sent += (2 + shared) * (n - 1) * bytes / n;
+        }
+        Ok(grad_norm)
+    }
+
+    /// Restores the newest checkpoint in `dir` written with `fingerprint`, if any.
+    fn resume_latest(
+        &mut self,
+        model: &Llama,
+        dir: &Path,
+        fingerprint: &str,
+        device: &Device,
+    ) -> Result<Option<TrainerState>> {
+        match self {
+            Self::Local(local) => {
+                resume_latest(dir, model, &mut local.optimizer, fingerprint, device)
+            }
+            Self::Sharded(zero3) => zero3.resume_latest(dir, fingerprint),
+        }
+    }
+
+    /// Gives every replica rank 0's weights (nothing to do for shards).
+    fn broadcast_weights(&mut self, ranks: &mut Ranks) -> Result<()> {
+        match self {
+            Self::Local(local) => ranks.broadcast_params(&local.params),
+            Self::Sharded(_) => Ok(()),
+        }
+    }
+
+    /// Writes a checkpoint of `state` (every rank takes part); returns its path on the
+    /// rank that completed it.
+    fn save_checkpoint(
+        &mut self,
+        model: &Llama,
+        ranks: &mut Ranks,
+        opts: &TrainOptions,
+        state: &TrainerState,
+    ) -> Result<Option<PathBuf>> {
+        let keep = opts.checkpoint_keep.max(1);
+        match self {
+            Self::Local(local) => {
+                // Sharded moments come from their owners; rank 0 writes.
+                let moments =
+                    ranks.gather_moments(&local.optimizer, &local.params, &local.partition)?;
+                moments
+                    .map(|moments| {
+                        save_checkpoint(&opts.checkpoint_dir, keep, model, &moments, state)
+                    })
+                    .transpose()
+            }
+            Self::Sharded(zero3) => zero3.save_checkpoint(ranks, &opts.checkpoint_dir, keep, state),
+        }
+    }
+
+    /// This rank's share of the eval set's summed loss and target count (every
+    /// `world_size`-th batch from batch `rank` on).
+    fn evaluate(
+        &mut self,
+        model: &Llama,
+        ranks: &mut Ranks,
+        examples: &[Example],
+        batch_size: usize,
+        pad: u32,
+        pass: Pass,
+    ) -> Result<(f64, usize)> {
+        let (rank, world) = (ranks.rank(), ranks.world_size());
+        let zero3 = match self {
+            Self::Local(_) => {
+                return evaluate_shard(model, examples, batch_size, pad, pass, rank, world);
+            }
+            Self::Sharded(zero3) => zero3,
+        };
+        // Every rank gathers the weights for every round, with or without a batch.
+        let chunks: Vec<&[Example]> = examples.chunks(batch_size.max(1)).collect();
+        let (mut total, mut count) = (0.0, 0);
+        for round in 0..chunks.len().div_ceil(world) {
+            let batch = match chunks.get(round * world + rank) {
+                Some(chunk) => {
+                    let refs: Vec<&Example> = chunk.iter().collect();
+                    Some(make_batch(&refs, pad, model.device())?)
+                }
+                None => None,
+            };
+            total += zero3.loss_sum(ranks, batch.as_ref(), pass)?;
+            count += batch.map_or(0, |b| b.target_count);
+        }
+        Ok((total, count))
+    }
+
+    /// Fails unless every replica holds the same weights (identical summed gradients
+    /// and identical steps keep them so): checked before rank 0 writes them as the
+    /// result of all.
+    fn check_replicas(&mut self, ranks: &mut Ranks) -> Result<()> {
+        match self {
+            Self::Local(local) if ranks.world_size() > 1 => {
+                ranks.check_same("the trained weights", weights_fingerprint(&local.params)?)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes the trained model or adapter (rank 0; every rank takes part when the
+    /// weights are sharded); returns the artifact where it was written.
+    fn save_outputs(
+        &mut self,
+        model: &Llama,
+        ranks: &mut Ranks,
+        opts: &TrainOptions,
+    ) -> Result<Option<Artifact>> {
+        match (self, opts.method) {
+            (Self::Sharded(zero3), MethodOptions::Full { max_shard_bytes }) => {
+                zero3.save_model(ranks, &opts.model_dir, &opts.output_dir, max_shard_bytes)
+            }
+            _ if !ranks.is_primary() => Ok(None),
+            (_, MethodOptions::Full { max_shard_bytes }) => Ok(Some(save_full_model(
+                model,
+                &opts.model_dir,
+                &opts.output_dir,
+                max_shard_bytes,
+            )?)),
+            _ => Ok(Some(save_adapter(
+                model,
+                &opts.output_dir,
+                opts.base_model_name.as_deref(),
+            )?)),
+        }
+    }
+
+    /// Bytes of training state this rank holds between steps.
+    fn state_bytes(&self) -> u64 {
+        match self {
+            Self::Local(local) => {
+                let weights: u64 = local.params.iter().map(|p| 4 * p.elem_count() as u64).sum();
+                // The f32 weights and their gradients, and the moments held here.
+                2 * weights + local.optimizer.state_bytes()
+            }
+            Self::Sharded(zero3) => zero3.state_bytes(),
+        }
+    }
+
+    /// Bytes of optimizer state this rank holds.
+    fn optimizer_state_bytes(&self) -> u64 {
+        match self {
+            Self::Local(local) => local.optimizer.state_bytes(),
+            Self::Sharded(zero3) => zero3.optimizer_state_bytes(),
+        }
+    }
+
+    /// What this rank's collectives moved in this attempt.
+    fn traffic(&self) -> Traffic {
+        match self {
+            Self::Local(local) => local.traffic,
+            Self::Sharded(zero3) => zero3.traffic(),
+        }
+    }
 }

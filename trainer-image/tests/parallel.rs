@@ -251,7 +251,7 @@ fn assert_same_bits(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>, wh
 }
 
 #[test]
-fn sharded_optimizer_state_trains_the_same_bits_as_replicated_with_a_share_on_each_rank() {
+fn stage_1_sharded_optimizer_state_trains_the_same_bits_as_replicated_with_a_share_on_each_rank() {
     let dir = setup();
     let d = dir.path();
     let run = Run {
@@ -261,7 +261,8 @@ fn sharded_optimizer_state_trains_the_same_bits_as_replicated_with_a_share_on_ea
     };
     // A checkpoint at steps 2 and 4: the sharded run gathers its moments to rank 0.
     let every = ["--checkpoint-every", "2"];
-    let sharded = finish(start_gang(d, "sharded", run, 2, &every));
+    let stage1 = [&every[..], &["--sharding", "optimizer-state"]].concat();
+    let sharded = finish(start_gang(d, "sharded", run, 2, &stage1));
     assert_success(&sharded);
     let replicated = [&every[..], &["--replicate-optimizer-state"]].concat();
     let outputs = finish(start_gang(d, "replicated", run, 2, &replicated));
@@ -356,6 +357,105 @@ fn a_stop_on_one_rank_stops_the_gang_after_the_same_step_and_the_gang_resumes_fr
     assert_success(&outputs);
     assert_eq!(metrics(d, "gang")["resumedFromStep"], 3);
     assert_same_run(d, "one", "gang", 2);
+}
+
+#[test]
+fn fully_sharded_ranks_hold_a_share_of_the_state_and_write_per_rank_checkpoint_files() {
+    let dir = setup();
+    let d = dir.path();
+    let run = Run {
+        batch: 2,
+        accum: 1,
+        steps: 2,
+    };
+    let every = ["--checkpoint-every", "2"];
+    let outputs = finish(start_gang(d, "zero3", run, 4, &every));
+    assert_success(&outputs);
+    let params: u64 = TinyLlama::default()
+        .weights()
+        .expect("original weights")
+        .iter()
+        .map(|(_, t)| t.elem_count() as u64)
+        .sum();
+    // Weights, gradients and two moments, 4 bytes each: a quarter on each of 4 ranks,
+    // plus at most one padding element per unit.
+    let held = metrics(d, "zero3")["stateBytes"].as_u64().expect("bytes");
+    println!("rank 0 of 4 holds {held} of {} state bytes", 16 * params);
+    assert!(
+        held >= 16 * params / 4 && held < 16 * params / 4 + 16 * 64,
+        "{held}"
+    );
+    let checkpoint = d.join("zero3/checkpoints/checkpoint-00000002");
+    for rank in 0..4 {
+        let file = checkpoint.join(format!("shard-{rank:05}-of-00004.safetensors"));
+        assert!(file.is_file(), "{} is missing", file.display());
+    }
+    assert!(checkpoint.join("zero3.json").is_file());
+    assert!(
+        !checkpoint.join("model.safetensors").exists(),
+        "no whole weights"
+    );
+    // The output is one ordinary checkpoint, gathered by rank 0.
+    assert_eq!(
+        weights(d, "zero3").len(),
+        TinyLlama::default().weights().expect("w").len()
+    );
+}
+
+#[test]
+fn a_fully_sharded_checkpoint_resumes_on_another_number_of_ranks_to_the_same_weights() {
+    let dir = setup();
+    let d = dir.path();
+    let steps = 6;
+    let checkpoints = ["--checkpoint-every", "2"];
+    single(
+        d,
+        "one",
+        Run {
+            batch: 4,
+            accum: 1,
+            steps,
+        },
+    );
+    // 4 ranks of 1 stop after step 3 (a checkpoint), 2 ranks of 2 go on from it, and
+    // again from step 5 on 4 ranks: the same global batch of 4 throughout.
+    let stop =
+        |after: &'static str| [&checkpoints[..], &["--interrupt-after-step", after]].concat();
+    let four = Run {
+        batch: 1,
+        accum: 1,
+        steps,
+    };
+    let two = Run { batch: 2, ..four };
+    for output in finish(start_gang(d, "gang", four, 4, &stop("3"))) {
+        assert_eq!(
+            output.status.code(),
+            Some(143),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    for output in finish(start_gang(d, "gang", two, 2, &stop("5"))) {
+        assert_eq!(
+            output.status.code(),
+            Some(143),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(d.join("gang/checkpoints/checkpoint-00000005"))
+            .expect("step 5's checkpoint")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("shard-"))
+            .count(),
+        2,
+        "written by the 2 ranks"
+    );
+    let outputs = finish(start_gang(d, "gang", four, 4, &checkpoints));
+    assert_success(&outputs);
+    assert_eq!(metrics(d, "gang")["resumedFromStep"], 5);
+    assert_same_run(d, "one", "gang", 4);
 }
 
 fn exit_within(
