@@ -22,9 +22,13 @@
 //!   the other ranks included) and the scaling efficiency
 //!   `tokens/s(N) / (N × tokens/s(1))`. Ranks beyond
 //!   the machine's cores share cores, which caps the efficiency at `cores / N`. The
-//!   optimizer state is sharded across the ranks (the trainer's default); a last run on
-//!   2 ranks keeps it replicated, and rank 0's optimizer state and peak RSS of both
-//!   are reported side by side.
+//!   gangs are fully sharded (ZeRO stage 3, the trainer's default); one more on 4
+//!   ranks keeps gathered weights from forward to backward (`shard-grad-op`), two on 2
+//!   ranks use stage 1 and replicated state. Per gang: rank 0's bytes of weights,
+//!   gradients and optimizer state (`sharded_state_bytes_per_rank_ratio_4_ranks`
+//!   against one rank), its peak RSS, the seconds and bytes per step of its
+//!   collectives, and those bytes against the ring bound of an all-reduce of the f32
+//!   gradients, 2(N−1)/N·4P (`comm_bytes_vs_ring_bound_ratio`, 4 ranks).
 //!
 //! It writes a random ~50M-parameter Llama (hidden 512, 10 blocks, 8 heads / 4 KV
 //! heads, MLP 1536, vocabulary 32000, tied embeddings) and a text dataset into a
@@ -42,11 +46,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kubetune_crds::training::{DatasetFormat, Scheduler, TargetModule};
-use kubetune_trainer::cli::ENV_REPLICATE_OPTIMIZER_STATE;
+use kubetune_trainer::cli::ENV_SHARDING;
 use kubetune_trainer::config::ModelConfig;
 use kubetune_trainer::dpo::DpoSettings;
 use kubetune_trainer::lora::LoraSettings;
 use kubetune_trainer::model::Llama;
+use kubetune_trainer::parallel::Sharding;
 use kubetune_trainer::rng::Rng;
 use kubetune_trainer::test_support::{TinyLlama, write_jsonl};
 use kubetune_trainer::tokenizer::TextTokenizer;
@@ -193,18 +198,12 @@ fn method_options(root: &Path, args: &Args) -> TrainOptions {
             )
             .expect("the gang's environment");
             let world = gang.as_ref().map_or(1, |g| g.world_size);
-            let replicate = std::env::var_os(ENV_REPLICATE_OPTIMIZER_STATE).is_some();
-            let kind = if replicate { "replicated" } else { "sharded" };
-            opts.output_dir = root.join(format!("out-full-{world}-{kind}"));
+            let sharding: Sharding = std::env::var(ENV_SHARDING)
+                .map(|s| s.parse().expect("a sharding"))
+                .unwrap_or_default();
+            opts.output_dir = root.join(format!("out-full-{world}-{}", sharding.as_str()));
             opts.checkpoint_dir = opts.output_dir.join("checkpoints");
-            opts.gang = gang.map(|gang| kubetune_trainer::parallel::Gang {
-                sharding: if replicate {
-                    kubetune_trainer::parallel::Sharding::Replicated
-                } else {
-                    kubetune_trainer::parallel::Sharding::Full
-                },
-                ..gang
-            });
+            opts.gang = gang.map(|gang| kubetune_trainer::parallel::Gang { sharding, ..gang });
         }
         other => panic!("--method {other}: expected lora, qlora, dpo or full"),
     }
@@ -356,106 +355,235 @@ fn full_model_spec() -> TinyLlama {
     }
 }
 
-/// `--method full`: data-parallel full fine-tuning on 1, 2 and 4 ranks with the
-/// optimizer state sharded (the default), and on 2 with it replicated, for memory.
+/// One gang of `--method full`.
+#[derive(Clone, Copy)]
+struct FullRun {
+    ranks: usize,
+    sharding: Sharding,
+}
+
+impl FullRun {
+    fn label(self) -> String {
+        let plural = if self.ranks == 1 { "rank" } else { "ranks" };
+        format!("{} {plural} {}", self.ranks, self.sharding.as_str())
+    }
+}
+
+/// Runs one gang of `--method full` workers (one compute thread each) and returns rank
+/// 0's report, or why it failed. Each rank has `timeout`.
+fn run_full_gang(
+    root: &Path,
+    args: &Args,
+    run: FullRun,
+    timeout: Duration,
+) -> Result<serde_json::Value, String> {
+    let exe = std::env::current_exe().expect("own path");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|err| format!("no free port: {err}"))?
+        .port();
+    let mut children = Vec::with_capacity(run.ranks);
+    for rank in 0..run.ranks {
+        let child = Command::new(&exe)
+            .args(["--worker", &root.to_string_lossy(), "--method", "full"])
+            .args(["--steps", &args.steps.to_string()])
+            .args(["--seq-len", &args.seq_len.to_string()])
+            .args(["--batch-size", &args.batch_size.to_string()])
+            .env("RAYON_NUM_THREADS", "1")
+            .env("KUBETUNE_WORLD_SIZE", run.ranks.to_string())
+            .env("KUBETUNE_RANK", rank.to_string())
+            .env("KUBETUNE_RENDEZVOUS", format!("127.0.0.1:{port}"))
+            .env(ENV_SHARDING, run.sharding.as_str())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|err| format!("rank {rank} did not start: {err}"))?;
+        children.push(child);
+    }
+    // Rank 0's output is read on a thread so that a full pipe never blocks it; every
+    // rank is killed once the deadline passes.
+    let stdout = children[0].stdout.take().expect("piped stdout");
+    let reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let deadline = Instant::now() + timeout;
+    let mut failure = None;
+    for (rank, child) in children.iter_mut().enumerate() {
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => break None,
+            }
+        };
+        match status {
+            Some(status) if status.success() => {}
+            Some(status) => {
+                failure.get_or_insert(format!("{}: rank {rank} exited with {status}", run.label()));
+            }
+            None => {
+                failure.get_or_insert(format!(
+                    "{}: rank {rank} still running after {} s",
+                    run.label(),
+                    timeout.as_secs()
+                ));
+            }
+        }
+    }
+    for child in &mut children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let out = reader.join().unwrap_or_default();
+    if let Some(failure) = failure {
+        return Err(failure);
+    }
+    out.lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| format!("{}: rank 0 printed no report", run.label()))
+}
+
+/// `--method full`: data-parallel full fine-tuning on 1, 2 and 4 ranks fully sharded
+/// (ZeRO stage 3, the default), and on 2 ranks with stage 1 and replicated, for the
+/// memory and traffic of each. A gang that fails is retried once, then named in
+/// `failures`; the JSON line is printed either way.
 fn bench_full(root: &Path, args: &Args) {
     let spec = full_model_spec();
     spec.write(&root.join("full-model")).expect("write model");
+    let params = spec.parameters() as f64;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut report = serde_json::json!({
-        "full_ft_model_params_m": spec.parameters() as f64 / 1e6,
+        "full_ft_model_params_m": params / 1e6,
         "seq_len_tokens": args.seq_len,
         "batch_size_per_rank": args.batch_size,
         "steps": args.steps,
         "cpu_cores": cores,
         "threads_per_rank": 1,
     });
-    let exe = std::env::current_exe().expect("own path");
-    let mut single = 0.0;
+    let runs = [
+        FullRun {
+            ranks: 1,
+            sharding: Sharding::Full,
+        },
+        FullRun {
+            ranks: 2,
+            sharding: Sharding::Full,
+        },
+        FullRun {
+            ranks: 4,
+            sharding: Sharding::Full,
+        },
+        FullRun {
+            ranks: 4,
+            sharding: Sharding::ShardGradOp,
+        },
+        FullRun {
+            ranks: 2,
+            sharding: Sharding::OptimizerState,
+        },
+        FullRun {
+            ranks: 2,
+            sharding: Sharding::Replicated,
+        },
+    ];
+    // Generous: a step of this model takes about a second on one thread.
+    let timeout = Duration::from_secs(120 + 20 * args.steps);
+    let mut single: Option<(f64, f64)> = None;
+    let mut failures = Vec::new();
     let mut lines = Vec::new();
-    for (ranks, sharded) in [(1usize, true), (2, true), (4, true), (2, false)] {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let children: Vec<_> = (0..ranks)
-            .map(|rank| {
-                let mut worker = Command::new(&exe);
-                worker
-                    .args(["--worker", &root.to_string_lossy(), "--method", "full"])
-                    .args(["--steps", &args.steps.to_string()])
-                    .args(["--seq-len", &args.seq_len.to_string()])
-                    .args(["--batch-size", &args.batch_size.to_string()])
-                    .env("RAYON_NUM_THREADS", "1")
-                    .env("KUBETUNE_WORLD_SIZE", ranks.to_string())
-                    .env("KUBETUNE_RANK", rank.to_string())
-                    .env("KUBETUNE_RENDEZVOUS", format!("127.0.0.1:{port}"))
-                    .stdout(Stdio::piped());
-                if !sharded {
-                    worker.env(ENV_REPLICATE_OPTIMIZER_STATE, "true");
-                }
-                worker.spawn().expect("a rank starts")
-            })
-            .collect();
-        let mut outputs: Vec<_> = children
-            .into_iter()
-            .map(|c| c.wait_with_output().expect("a rank ends"))
-            .collect();
-        for output in &outputs {
-            assert!(output.status.success(), "a rank failed: {}", output.status);
-        }
-        let zero = last_json(&String::from_utf8_lossy(&outputs.remove(0).stdout));
-        let tps = zero["tokens_per_s"].as_f64().expect("tokens_per_s");
-        if ranks == 1 {
-            single = tps;
-        }
-        let efficiency = tps / (ranks as f64 * single);
-        let step = zero["step_s"].as_f64().expect("step_s");
-        let exchange = zero["collective_s_per_step"].as_f64().unwrap_or(0.0);
-        let state = zero["optimizer_state_mib"]
-            .as_f64()
-            .expect("optimizer_state_mib");
-        let rss = zero["peak_rss_mib"].as_f64().expect("peak_rss_mib");
-        let plural = if ranks == 1 { "rank" } else { "ranks" };
-        let state_kind = if ranks == 1 {
-            ""
-        } else if sharded {
-            " sharded"
-        } else {
-            " replicated"
-        };
-        let line = format!(
-            "{ranks} {plural}{state_kind}: {tps:>7.0} tokens/s, {step:.2} s per step ({exchange:.2} s exchanging), efficiency {efficiency:.2}; rank 0: {state:.1} MiB optimizer state, {rss:.0} MiB peak RSS{}",
-            if ranks > cores {
-                format!(" ({ranks} ranks on {cores} cores: oversubscribed)")
-            } else {
-                String::new()
+    for run in runs {
+        let zero = match run_full_gang(root, args, run, timeout).or_else(|first| {
+            eprintln!("{first}; retrying once");
+            run_full_gang(root, args, run, timeout)
+        }) {
+            Ok(zero) => zero,
+            Err(failure) => {
+                eprintln!("{failure}");
+                failures.push(failure);
+                continue;
             }
+        };
+        let figure = |key: &str| zero[key].as_f64().unwrap_or(f64::NAN);
+        let (tps, step, rss) = (
+            figure("tokens_per_s"),
+            figure("step_s"),
+            figure("peak_rss_mib"),
         );
+        let (comm_s, comm_bytes) = (
+            figure("collective_s_per_step"),
+            figure("collective_bytes_per_step"),
+        );
+        let state = figure("state_bytes");
+        if run.ranks == 1 {
+            single = Some((tps, state));
+        }
+        let key = |what: &str| {
+            let plural = if run.ranks == 1 { "rank" } else { "ranks" };
+            match run.sharding {
+                Sharding::Full => format!("full_ft_{what}_{}_{plural}", run.ranks),
+                other => format!(
+                    "full_ft_{}_{what}_{}_{plural}",
+                    other.as_str().replace('-', "_"),
+                    run.ranks
+                ),
+            }
+        };
+        report[key("tokens_per_s")] = tps.into();
+        report[key("step_s")] = step.into();
+        report[key("peak_rss_mib_rank0")] = rss.into();
+        report[key("state_mib_rank0")] = mib(state).into();
+        let mut line = format!(
+            "{:<24} {tps:>7.0} tokens/s, {step:.2} s/step; rank 0: {:.1} MiB weights+gradients+optimizer, {rss:.0} MiB peak RSS",
+            run.label(),
+            mib(state)
+        );
+        if run.ranks > 1 {
+            // The ring bound: an all-reduce of the f32 gradients sends 2(n−1)/n of them.
+            let n = run.ranks as f64;
+            let bound = 2.0 * (n - 1.0) / n * 4.0 * params;
+            report[key("comm_s_per_step")] = comm_s.into();
+            report[key("comm_mib_per_step")] = mib(comm_bytes).into();
+            report[key("comm_bytes_vs_ring_bound_ratio")] = (comm_bytes / bound).into();
+            line += &format!(
+                "; {comm_s:.2} s/step in collectives, {:.1} MiB sent/step = {:.2} × the ring bound",
+                mib(comm_bytes),
+                comm_bytes / bound
+            );
+            if let Some((one_tps, one_state)) = single {
+                let efficiency = tps / (n * one_tps);
+                report[key("scaling_efficiency_ratio")] = efficiency.into();
+                report[key("state_bytes_vs_1_rank_ratio")] = (state / one_state).into();
+                line += &format!(", efficiency {efficiency:.2}");
+            }
+            if run.ranks > cores {
+                line += &format!(" ({} ranks on {cores} cores: oversubscribed)", run.ranks);
+            }
+        }
         eprintln!("{line}");
         lines.push(line);
-        if !sharded {
-            // The same gang keeping the whole state on every rank: memory, for the
-            // comparison with the sharded run above.
-            report["full_ft_replicated_optimizer_state_mib_rank0_2_ranks"] = state.into();
-            report["full_ft_replicated_peak_rss_mib_rank0_2_ranks"] = rss.into();
-            report["full_ft_replicated_tokens_per_s_2_ranks"] = tps.into();
-            let sharded_state = report["full_ft_optimizer_state_mib_rank0_2_ranks"]
-                .as_f64()
-                .expect("the sharded 2-rank run came first");
-            report["optimizer_state_sharded_vs_replicated_2_ranks_ratio"] =
-                (sharded_state / state).into();
-            continue;
-        }
-        report[format!("full_ft_tokens_per_s_{ranks}_{plural}")] = tps.into();
-        report[format!("full_ft_step_s_{ranks}_{plural}")] = step.into();
-        report[format!("full_ft_optimizer_state_mib_rank0_{ranks}_{plural}")] = state.into();
-        report[format!("full_ft_peak_rss_mib_rank0_{ranks}_{plural}")] = rss.into();
-        if ranks > 1 {
-            report[format!("scaling_efficiency_{ranks}_ranks_ratio")] = efficiency.into();
-            report[format!("full_ft_exchange_s_per_step_{ranks}_ranks")] = exchange.into();
+    }
+    // The headline figures.
+    for (name, source) in [
+        (
+            "sharded_state_bytes_per_rank_ratio_4_ranks",
+            "full_ft_state_bytes_vs_1_rank_ratio_4_ranks",
+        ),
+        (
+            "comm_bytes_vs_ring_bound_ratio",
+            "full_ft_comm_bytes_vs_ring_bound_ratio_4_ranks",
+        ),
+        (
+            "comm_bytes_vs_ring_bound_ratio_shard_grad_op",
+            "full_ft_shard_grad_op_comm_bytes_vs_ring_bound_ratio_4_ranks",
+        ),
+    ] {
+        if let Some(value) = report.get(source).cloned() {
+            report[name] = value;
         }
     }
+    report["failures"] = failures.into();
     eprintln!("full fine-tuning, data-parallel ({cores} cores, one thread per rank):");
     for line in lines {
         eprintln!("  {line}");
@@ -717,6 +845,8 @@ fn main() {
                 "tokens_per_s": summary.tokens_per_second,
                 "step_s": tokens_per_step / summary.tokens_per_second,
                 "collective_s_per_step": summary.collective_seconds / summary.steps.max(1) as f64,
+                "collective_bytes_per_step": summary.collective_bytes as f64 / summary.steps.max(1) as f64,
+                "state_bytes": summary.state_bytes,
                 "optimizer_state_mib": mib(summary.optimizer_state_bytes as f64),
                 "peak_rss_mib": peak_rss_mib(std::process::id()),
             })

@@ -215,8 +215,11 @@ pub struct TrainArgs {
     pub collective_timeout_seconds: u64,
     /// Data-parallel runs: what each rank keeps of the weights, gradients and optimizer
     /// state. `full` (ZeRO stage 3, the default): an even share of each, the weights
-    /// gathered a block at a time; `optimizer-state` (ZeRO stage 1): whole weights and
-    /// gradients, a share of AdamW's moments; `replicated`: everything on every rank.
+    /// gathered a block at a time; `shard-grad-op` (FSDP's SHARD_GRAD_OP): the same
+    /// between steps, but weights gathered in forward stay until backward (the whole
+    /// weights at the peak, a third less traffic); `optimizer-state` (ZeRO stage 1):
+    /// whole weights and gradients, a share of AdamW's moments; `replicated`:
+    /// everything on every rank.
     #[arg(long, env = ENV_SHARDING, default_value = "full")]
     pub sharding: Sharding,
     /// Data-parallel runs: the same as `--sharding replicated`.

@@ -59,6 +59,11 @@ pub enum Sharding {
     /// unit at a time when used. 16/W bytes a weight per rank, for the state.
     #[default]
     Full,
+    /// As [`Self::Full`] between steps, but a unit's weights gathered in forward stay
+    /// until its backward (FSDP's `SHARD_GRAD_OP`, ZeRO stage 2 with sharded weights at
+    /// rest): the whole f32 weights at a step's peak, one all-gather a unit instead of
+    /// two, so the traffic is that of an all-reduce.
+    ShardGradOp,
     /// ZeRO stage 1 ([`Partition`]): whole weights and gradients, a share of the
     /// optimizer state. 8 + 8/W bytes a weight.
     OptimizerState,
@@ -71,6 +76,7 @@ impl Sharding {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Full => "full",
+            Self::ShardGradOp => "shard-grad-op",
             Self::OptimizerState => "optimizer-state",
             Self::Replicated => "replicated",
         }
@@ -81,10 +87,17 @@ impl std::str::FromStr for Sharding {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        [Self::Full, Self::OptimizerState, Self::Replicated]
-            .into_iter()
-            .find(|x| x.as_str() == s)
-            .ok_or_else(|| format!("sharding {s:?}: expected full, optimizer-state or replicated"))
+        [
+            Self::Full,
+            Self::ShardGradOp,
+            Self::OptimizerState,
+            Self::Replicated,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+        .ok_or_else(|| {
+            format!("sharding {s:?}: expected full, shard-grad-op, optimizer-state or replicated")
+        })
     }
 }
 

@@ -139,14 +139,14 @@ pub struct TrainOptions {
 }
 
 impl TrainOptions {
-    /// Whether this run is fully sharded across its gang ([`Sharding::Full`], method
-    /// full, more than one rank): see [`crate::zero3`].
+    /// Whether this run is fully sharded across its gang ([`Sharding::Full`] or
+    /// [`Sharding::ShardGradOp`], method full, more than one rank): see
+    /// [`crate::zero3`].
     pub fn is_fully_sharded(&self) -> bool {
         matches!(self.method, MethodOptions::Full { .. })
-            && self
-                .gang
-                .as_ref()
-                .is_some_and(|g| g.world_size > 1 && g.sharding == Sharding::Full)
+            && self.gang.as_ref().is_some_and(|g| {
+                g.world_size > 1 && matches!(g.sharding, Sharding::Full | Sharding::ShardGradOp)
+            })
     }
 }
 
@@ -182,9 +182,9 @@ pub struct RunSummary {
     /// `eval_`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, f64>,
-    /// Data-parallel runs: seconds of the last attempt this rank spent exchanging
-    /// gradients (and, with sharded optimizer state, updated weights), waiting for
-    /// slower ranks included.
+    /// Data-parallel runs: seconds of the last attempt's steps this rank spent in
+    /// collectives (gradients, and weights when sharded), waiting for slower ranks
+    /// included.
     #[serde(skip_serializing_if = "is_zero")]
     pub collective_seconds: f64,
     /// Bytes of optimizer state (AdamW's moments) this rank held: all of it alone or
@@ -193,7 +193,8 @@ pub struct RunSummary {
     /// Bytes of training state this rank held between steps: weights, gradients and
     /// optimizer state (its shares of them when fully sharded).
     pub state_bytes: u64,
-    /// Data-parallel runs: bytes this rank sent in collectives in the last attempt.
+    /// Data-parallel runs: bytes this rank sent in the collectives of the last
+    /// attempt's steps.
     #[serde(skip_serializing_if = "is_zero_u64")]
     pub collective_bytes: u64,
     /// Whether this process wrote the outputs: rank 0 of a gang, or a lone process.
@@ -680,6 +681,9 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
             &opts.model_dir,
             model.config.clone(),
             &ranks,
+            opts.gang
+                .as_ref()
+                .is_some_and(|g| g.sharding == Sharding::ShardGradOp),
             compute_dtype(device),
             device,
             adamw,
@@ -744,6 +748,8 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
     });
 
     let train_started = Instant::now();
+    // The collectives of the steps alone, not of evaluation or the final gather.
+    let traffic_before = engine.traffic();
     let mut attempt_tokens = 0u64;
     let mut order_cache: Option<(u64, Vec<usize>)> = None;
     let mut last_metrics = BTreeMap::new();
@@ -866,6 +872,7 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         }
     }
 
+    let traffic = engine.traffic().since(traffic_before);
     update(&control.progress, |p| p.phase = "evaluating".into());
     let (eval_loss, eval_dpo) = eval_under(
         &model,
@@ -900,7 +907,6 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
             size_bytes: 0,
         });
     let elapsed = train_started.elapsed().as_secs_f64();
-    let traffic = engine.traffic();
     let summary = RunSummary {
         steps: state.step,
         train_examples: n_train,

@@ -22,8 +22,13 @@
 //!
 //! Per step and rank, with W ranks and P weights in f32, the traffic is two
 //! all-gathers and one reduce-scatter of the padded weights, each (W−1)/W·4P bytes:
-//! 1.5 times a data-parallel all-reduce of the gradients, the price of not holding the
-//! weights between forward and backward.
+//! 1.5 times a data-parallel all-reduce of the gradients (the ring bound), the price of
+//! not holding the weights between forward and backward. A tied embedding, needed by
+//! the first and the last unit, is kept gathered from the head to its own backward
+//! rather than gathered a third time. With `keep_gathered` (FSDP's `SHARD_GRAD_OP`,
+//! [`Sharding::ShardGradOp`](crate::parallel::Sharding)) each unit gathered in forward
+//! stays until its backward: one all-gather a unit, the ring bound exactly, for the
+//! whole weights held at the peak of a step (the state between steps stays sharded).
 //!
 //! Checkpoints are sharded: every rank writes its shards of the weights and moments
 //! into the checkpoint directory (`shard-RRRRR-of-WWWWW.safetensors`), rank 0 the unit
@@ -136,6 +141,16 @@ struct LayoutUnit {
     numel: usize,
 }
 
+impl Traffic {
+    /// What moved since `earlier` (a reading of the same counters).
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            bytes_sent: self.bytes_sent - earlier.bytes_sent,
+            seconds: self.seconds - earlier.seconds,
+        }
+    }
+}
+
 const LAYOUT_FILE: &str = "zero3.json";
 
 fn shard_file(rank: usize, world: usize) -> String {
@@ -151,6 +166,10 @@ pub struct Zero3 {
     units: Vec<Unit>,
     /// The LM head is the embedding (unit 0).
     tied: bool,
+    /// Keep each unit's weights gathered from its forward to its backward (FSDP's
+    /// `SHARD_GRAD_OP`): the whole weights at the peak of a step, one all-gather a
+    /// unit instead of two.
+    keep_gathered: bool,
     rank: usize,
     world: usize,
     /// This rank's shard of each unit, f32.
@@ -168,6 +187,7 @@ impl Zero3 {
         model_dir: &Path,
         config: ModelConfig,
         ranks: &Ranks,
+        keep_gathered: bool,
         dtype: DType,
         device: &Device,
         optimizer: AdamWConfig,
@@ -200,6 +220,7 @@ impl Zero3 {
             grads: vec![None; units.len()],
             units,
             tied,
+            keep_gathered,
             rank,
             world,
             shards,
@@ -416,12 +437,22 @@ impl Zero3 {
         let pos = self.shell.positions(t)?;
         let layers = self.shell.config.num_hidden_layers;
         let head_unit = self.units.len() - 1;
+        let keep = self.keep_gathered;
+        // Units gathered in forward and kept for backward: every unit when keeping
+        // them; otherwise only the tied embedding, from the head to the embedding's
+        // backward (it is needed again soon, and gathering it twice more would cost
+        // more traffic than any block).
+        let mut kept: Vec<Option<Vec<Var>>> = vec![None; self.units.len()];
 
         // Forward, keeping each block's input.
         let embed = self.materialise(ranks, 0)?;
         self.set_ends(Some(&embed), None)?;
         let mut x = self.shell.embed(&batch.ids)?.detach();
-        drop(embed);
+        if keep {
+            kept[0] = Some(embed);
+        } else {
+            drop(embed);
+        }
         let mut inputs = Vec::with_capacity(layers);
         for layer in 0..layers {
             let vars = self.materialise(ranks, layer + 1)?;
@@ -432,16 +463,19 @@ impl Zero3 {
                 .detach();
             inputs.push(x);
             x = out;
+            if keep {
+                kept[layer + 1] = Some(vars);
+            }
         }
 
         // The head: its gradient, and the gradient reaching the last block's output.
         let head = self.materialise(ranks, head_unit)?;
-        let tied_embed = if self.tied {
-            Some(self.materialise(ranks, 0)?)
-        } else {
-            None
-        };
-        self.set_ends(tied_embed.as_deref(), Some(&head))?;
+        if self.tied && kept[0].is_none() {
+            kept[0] = Some(self.materialise(ranks, 0)?);
+        }
+        let tied_embed = if self.tied { kept[0].as_deref() } else { None };
+        let embed_var = tied_embed.map(|vars| vars[0].clone());
+        self.set_ends(tied_embed, Some(&head))?;
         let h = Var::from_tensor(&x)?;
         let loss = self
             .shell
@@ -452,21 +486,24 @@ impl Zero3 {
             .iter()
             .map(|v| store.get(v.as_tensor()).cloned())
             .collect();
-        let mut embed_grad = tied_embed
+        let mut embed_grad = embed_var
             .as_ref()
-            .and_then(|vars| store.get(vars[0].as_tensor()).cloned());
+            .and_then(|var| store.get(var.as_tensor()).cloned());
         let mut upstream = store
             .get(h.as_tensor())
             .ok_or_else(|| Error::invalid("no gradient reached the last block"))?
             .detach();
         drop(store);
         self.set_ends(None, None)?;
-        drop((head, tied_embed));
+        drop(head);
         self.scatter_grads(ranks, head_unit, &grads)?;
 
         // Backward through the blocks, last first, each recomputed from its input.
         for layer in (0..layers).rev() {
-            let vars = self.materialise(ranks, layer + 1)?;
+            let vars = match kept[layer + 1].take() {
+                Some(vars) => vars,
+                None => self.materialise(ranks, layer + 1)?,
+            };
             let block = self.block(layer, &vars)?;
             let input = Var::from_tensor(&inputs[layer])?;
             let out = self
@@ -490,7 +527,10 @@ impl Zero3 {
         }
 
         // The embedding: scatter the upstream gradient into the looked-up rows.
-        let embed = self.materialise(ranks, 0)?;
+        let embed = match kept[0].take() {
+            Some(vars) => vars,
+            None => self.materialise(ranks, 0)?,
+        };
         self.set_ends(Some(&embed), None)?;
         let x0 = self.shell.embed(&batch.ids)?;
         let store = (x0 * &upstream)?.sum_all()?.backward()?;
@@ -508,18 +548,26 @@ impl Zero3 {
 
     /// [`Self::forward_backward`]'s collectives, in the same order, with no batch.
     fn idle_forward_backward(&mut self, ranks: &mut Ranks) -> Result<f64> {
-        for u in self.forward_order() {
+        let head = self.units.len() - 1;
+        let keep = self.keep_gathered;
+        for u in 0..=head {
             self.gather(ranks, u)?;
         }
-        let head = self.units.len() - 1;
+        // The tied embedding is gathered again for the head unless it was kept.
+        let embed_kept = keep || self.tied;
+        if self.tied && !keep {
+            self.gather(ranks, 0)?;
+        }
         for u in (1..=head).rev() {
-            if u != head {
+            if u != head && !keep {
                 self.gather(ranks, u)?;
             }
             let none = vec![None; self.units[u].tensors.len()];
             self.scatter_grads(ranks, u, &none)?;
         }
-        self.gather(ranks, 0)?;
+        if !embed_kept {
+            self.gather(ranks, 0)?;
+        }
         self.scatter_grads(ranks, 0, &[None])?;
         Ok(0.0)
     }

@@ -403,6 +403,49 @@ fn fully_sharded_ranks_hold_a_share_of_the_state_and_write_per_rank_checkpoint_f
 }
 
 #[test]
+fn shard_grad_op_keeps_gathered_weights_for_backward_to_the_same_weights_with_less_traffic() {
+    let dir = setup();
+    let d = dir.path();
+    let run = Run {
+        batch: 2,
+        accum: 1,
+        steps: 3,
+    };
+    single(d, "one", Run { batch: 8, ..run });
+    // 14 examples in global batches of 8 and 6: rank 3 sits out every second one.
+    let full = finish(start_gang(d, "full", run, 4, &[]));
+    assert_success(&full);
+    let kept = finish(start_gang(
+        d,
+        "kept",
+        run,
+        4,
+        &["--sharding", "shard-grad-op"],
+    ));
+    assert_success(&kept);
+    assert_same_run(d, "one", "full", 4);
+    assert_same_run(d, "one", "kept", 4);
+    let bytes = |out: &str| metrics(d, out)["collectiveBytes"].as_u64().expect("bytes") as f64;
+    let ratio = bytes("kept") / bytes("full");
+    println!("shard-grad-op sends {ratio:.3} of full sharding's bytes");
+    // Each block and the embedding: one all-gather and the reduce-scatter instead of
+    // two all-gathers and it; the head (final norm and LM head), used once forward and
+    // backward at the same moment: one and one either way.
+    let weights = TinyLlama::default().weights().expect("original weights");
+    let numel = |pick: &dyn Fn(&str) -> bool| -> f64 {
+        let count = weights
+            .iter()
+            .filter(|(n, _)| pick(n))
+            .map(|(_, t)| t.elem_count());
+        count.sum::<usize>() as f64
+    };
+    let head = numel(&|n| n == "model.norm.weight" || n == "lm_head.weight");
+    let rest = numel(&|_| true) - head;
+    let expected = (2.0 * rest + 2.0 * head) / (3.0 * rest + 2.0 * head);
+    assert!((ratio - expected).abs() < 0.01, "{ratio} vs {expected}");
+}
+
+#[test]
 fn a_fully_sharded_checkpoint_resumes_on_another_number_of_ranks_to_the_same_weights() {
     let dir = setup();
     let d = dir.path();
