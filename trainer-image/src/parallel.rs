@@ -108,6 +108,39 @@ pub struct Ranks {
     world_size: usize,
     #[cfg(feature = "gloo")]
     comm: Option<kubetune_collective::Collective>,
+    /// A second set of connections for [`SideGather`] (fully sharded runs).
+    #[cfg(feature = "gloo")]
+    side: Option<kubetune_collective::Collective>,
+}
+
+/// All-gathers on a thread of their own, over connections of their own, so that the
+/// next unit's weights travel while this thread computes (and reduce-scatters) the
+/// current one. Requests are served in order; every rank must make the same ones in
+/// the same order.
+#[derive(Debug)]
+pub struct SideGather {
+    requests: std::sync::mpsc::Sender<Vec<f32>>,
+    results: std::sync::mpsc::Receiver<Result<Vec<f32>>>,
+    /// Detached when dropped, not joined: it ends when `requests` closes and its
+    /// current gather returns, and a gather stuck on a dead gang must not hold up the
+    /// exit that reports it.
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl SideGather {
+    /// Starts gathering `shard` from every rank (the next in order).
+    pub fn start(&mut self, shard: Vec<f32>) -> Result<()> {
+        self.requests
+            .send(shard)
+            .map_err(|_| Error::Collective("the gather thread has stopped".into()))
+    }
+
+    /// The oldest started gather's result, waiting for it.
+    pub fn finish(&mut self) -> Result<Vec<f32>> {
+        self.results
+            .recv()
+            .map_err(|_| Error::Collective("the gather thread has stopped".into()))?
+    }
 }
 
 #[cfg(feature = "gloo")]
@@ -123,6 +156,8 @@ impl Ranks {
             world_size: 1,
             #[cfg(feature = "gloo")]
             comm: None,
+            #[cfg(feature = "gloo")]
+            side: None,
         }
     }
 
@@ -133,19 +168,27 @@ impl Ranks {
         };
         #[cfg(feature = "gloo")]
         {
-            let comm = kubetune_collective::Collective::connect(&kubetune_collective::Config {
+            // Fully sharded runs gather weights on a second context beside the first.
+            let contexts = match gang.sharding {
+                Sharding::Full | Sharding::ShardGradOp => 2,
+                Sharding::OptimizerState | Sharding::Replicated => 1,
+            };
+            let config = kubetune_collective::Config {
                 rank: gang.rank,
                 world_size: gang.world_size,
                 rendezvous: gang.rendezvous.clone(),
                 host: None,
                 rendezvous_timeout: gang.rendezvous_timeout,
                 timeout: gang.timeout,
-            })
-            .map_err(collective)?;
+            };
+            let mut comms = kubetune_collective::Collective::connect_many(&config, contexts)
+                .map_err(collective)?
+                .into_iter();
             Ok(Self {
                 rank: gang.rank,
                 world_size: gang.world_size,
-                comm: Some(comm),
+                comm: comms.next(),
+                side: comms.next(),
             })
         }
         #[cfg(not(feature = "gloo"))]
@@ -365,6 +408,37 @@ impl Ranks {
         Ok(data)
     }
 
+    /// The gang's second set of connections on a thread of its own, for all-gathers
+    /// beside this thread's work; `None` with one rank, or when the gang was joined
+    /// without them (or they were taken already).
+    pub fn side_gather(&mut self) -> Option<SideGather> {
+        #[cfg(feature = "gloo")]
+        if let Some(mut comm) = self.side.take() {
+            let world = self.world_size;
+            let (requests, inbox) = std::sync::mpsc::channel::<Vec<f32>>();
+            let (outbox, results) = std::sync::mpsc::channel();
+            let thread = std::thread::Builder::new()
+                .name("gather".into())
+                .spawn(move || {
+                    for shard in inbox {
+                        let mut all = vec![0.0f32; shard.len() * world];
+                        let done = comm.allgather_f32(&shard, &mut all).map(|()| all);
+                        let failed = done.is_err();
+                        if outbox.send(done.map_err(collective)).is_err() || failed {
+                            return;
+                        }
+                    }
+                })
+                .ok()?;
+            return Some(SideGather {
+                requests,
+                results,
+                _thread: thread,
+            });
+        }
+        None
+    }
+
     /// Returns once every rank has called it.
     pub fn barrier(&mut self) -> Result<()> {
         #[cfg(feature = "gloo")]
@@ -516,6 +590,8 @@ mod tests {
                 world_size: 3,
                 #[cfg(feature = "gloo")]
                 comm: None,
+                #[cfg(feature = "gloo")]
+                side: None,
             }
             .shard(&global, 4)
             .to_vec()
@@ -529,6 +605,8 @@ mod tests {
             world_size: 3,
             #[cfg(feature = "gloo")]
             comm: None,
+            #[cfg(feature = "gloo")]
+            side: None,
         };
         assert!(last.shard(&short, 2).is_empty());
     }

@@ -680,7 +680,7 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         Engine::Sharded(Box::new(Zero3::load(
             &opts.model_dir,
             model.config.clone(),
-            &ranks,
+            &mut ranks,
             opts.gang
                 .as_ref()
                 .is_some_and(|g| g.sharding == Sharding::ShardGradOp),

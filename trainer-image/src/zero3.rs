@@ -38,6 +38,7 @@
 //! a checkpoint of unsharded full fine-tuning). At the end the ranks gather every unit
 //! and rank 0 writes an ordinary Hugging Face checkpoint.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -54,7 +55,7 @@ use crate::error::{Error, Result};
 use crate::full::save_full_tensors;
 use crate::model::{BaseFormat, Block, Llama, Pass, Weights, block_tensors};
 use crate::optim::{AdamW, AdamWConfig, Moments, global_norm};
-use crate::parallel::Ranks;
+use crate::parallel::{Ranks, SideGather};
 
 /// A piece of the model gathered at once.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,6 +179,12 @@ pub struct Zero3 {
     grads: Vec<Option<Tensor>>,
     optimizer: AdamW,
     traffic: Traffic,
+    /// All-gathers beside the compute, when the gang has the connections for them.
+    side: Option<SideGather>,
+    /// The units the current pass gathers next, in order.
+    plan: VecDeque<usize>,
+    /// Whether the first of `plan` is travelling on `side` already.
+    in_flight: bool,
 }
 
 impl Zero3 {
@@ -186,7 +193,7 @@ impl Zero3 {
     pub fn load(
         model_dir: &Path,
         config: ModelConfig,
-        ranks: &Ranks,
+        ranks: &mut Ranks,
         keep_gathered: bool,
         dtype: DType,
         device: &Device,
@@ -226,7 +233,78 @@ impl Zero3 {
             shards,
             optimizer,
             traffic: Traffic::default(),
+            side: ranks.side_gather(),
+            plan: VecDeque::new(),
+            in_flight: false,
         })
+    }
+
+    /// The units a forward pass gathers, in order: the embedding, the blocks, the
+    /// head, and the tied embedding again when `for_backward` and it is not kept;
+    /// backward then gathers the blocks again, last first, and the embedding, unless
+    /// they were kept.
+    fn schedule(&self, for_backward: bool) -> Vec<usize> {
+        let head = self.units.len() - 1;
+        let mut order: Vec<usize> = (0..=head).collect();
+        if !for_backward {
+            if self.tied {
+                order.push(0);
+            }
+            return order;
+        }
+        if self.keep_gathered {
+            return order;
+        }
+        if self.tied {
+            order.push(0);
+        }
+        order.extend((1..head).rev());
+        if !self.tied {
+            order.push(0);
+        }
+        order
+    }
+
+    /// Starts a pass that gathers the units of `order`, in that order: with a side
+    /// gatherer, each next one travels while the current one computes.
+    fn begin_pass(&mut self, order: Vec<usize>) -> Result<()> {
+        if !self.plan.is_empty() || self.in_flight {
+            return Err(Error::Collective(format!(
+                "a pass began with units {:?} still to gather",
+                self.plan
+            )));
+        }
+        self.plan = order.into();
+        self.launch_next()
+    }
+
+    fn launch_next(&mut self) -> Result<()> {
+        let Some(side) = self.side.as_mut() else {
+            return Ok(());
+        };
+        if let Some(&u) = self.plan.front()
+            && !self.in_flight
+        {
+            let shard = self.shards[u].as_tensor().to_vec1::<f32>()?;
+            let len = shard.len();
+            side.start(shard)?;
+            self.in_flight = true;
+            if self.world > 1 {
+                self.traffic.bytes_sent += 4 * ((self.world - 1) * len) as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a pass: every unit it planned was gathered.
+    fn end_pass(&mut self) -> Result<()> {
+        if self.plan.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Collective(format!(
+            "a pass ended with units {:?} not gathered",
+            self.plan
+        )))
     }
 
     /// The units, in forward order.
@@ -256,8 +334,29 @@ impl Zero3 {
         &self.shell
     }
 
-    /// Unit `u` whole (padded), gathered from every rank's shard.
+    /// Unit `u` whole (padded), gathered from every rank's shard: on the side
+    /// gatherer when the pass planned it (then the next planned unit starts
+    /// travelling), here otherwise. Within a pass, units must come in the planned
+    /// order.
     fn gather(&mut self, ranks: &mut Ranks, u: usize) -> Result<Vec<f32>> {
+        if let Some(&next) = self.plan.front() {
+            if next != u {
+                return Err(Error::Collective(format!(
+                    "unit {u} was gathered where the pass planned unit {next}"
+                )));
+            }
+            if let Some(side) = self.side.as_mut() {
+                let started = Instant::now();
+                let all = side.finish()?;
+                // The time this thread waited: what the overlap did not hide.
+                self.traffic.seconds += started.elapsed().as_secs_f64();
+                self.plan.pop_front();
+                self.in_flight = false;
+                self.launch_next()?;
+                return Ok(all);
+            }
+            self.plan.pop_front();
+        }
         let shard = self.shards[u].as_tensor().to_vec1::<f32>()?;
         let mut all = vec![0.0f32; shard.len() * self.world];
         let started = Instant::now();
@@ -373,10 +472,12 @@ impl Zero3 {
         batch: Option<&Batch>,
         pass: Pass,
     ) -> Result<f64> {
+        self.begin_pass(self.schedule(false))?;
         let Some(batch) = batch else {
-            for u in self.forward_order() {
+            for u in self.schedule(false) {
                 self.gather(ranks, u)?;
             }
+            self.end_pass()?;
             return Ok(0.0);
         };
         let (_, t) = batch.ids.dims2()?;
@@ -405,17 +506,8 @@ impl Zero3 {
             .head_loss_sum(&x, &batch.rows, &batch.targets)?
             .detach();
         self.set_ends(None, None)?;
+        self.end_pass()?;
         Ok(f64::from(loss.to_scalar::<f32>()?))
-    }
-
-    /// The units a forward pass gathers, in order: the embedding, the blocks, the
-    /// head, and the embedding again when it is the tied head.
-    fn forward_order(&self) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.units.len()).collect();
-        if self.tied {
-            order.push(0);
-        }
-        order
     }
 
     /// Forward and backward of one micro-batch: returns its summed loss and adds this
@@ -430,8 +522,10 @@ impl Zero3 {
         scale: f64,
         pass: Pass,
     ) -> Result<f64> {
+        self.begin_pass(self.schedule(true))?;
         let Some(batch) = batch else {
-            return self.idle_forward_backward(ranks);
+            self.idle_forward_backward(ranks)?;
+            return self.end_pass().map(|()| 0.0);
         };
         let (_, t) = batch.ids.dims2()?;
         let pos = self.shell.positions(t)?;
@@ -543,11 +637,15 @@ impl Zero3 {
         self.set_ends(None, None)?;
         drop(embed);
         self.scatter_grads(ranks, 0, &[embed_grad])?;
+        self.end_pass()?;
         Ok(loss_value)
     }
 
-    /// [`Self::forward_backward`]'s collectives, in the same order, with no batch.
-    fn idle_forward_backward(&mut self, ranks: &mut Ranks) -> Result<f64> {
+    /// [`Self::forward_backward`]'s collectives, in the same order, with no batch (the
+    /// same interleaving of gathers and reduce-scatters matters: a rank waiting for a
+    /// gather that the others start only after a reduce-scatter it has not joined
+    /// would wait for ever).
+    fn idle_forward_backward(&mut self, ranks: &mut Ranks) -> Result<()> {
         let head = self.units.len() - 1;
         let keep = self.keep_gathered;
         for u in 0..=head {
@@ -569,7 +667,7 @@ impl Zero3 {
             self.gather(ranks, 0)?;
         }
         self.scatter_grads(ranks, 0, &[None])?;
-        Ok(0.0)
+        Ok(())
     }
 
     /// The optimizer step on this rank's shards with learning rate `lr`, after

@@ -233,6 +233,13 @@ pub(crate) struct Comm {
     raw: NonNull<RawComm>,
 }
 
+// SAFETY: a Gloo context is not tied to the thread that created it (its TCP device
+// runs its own event-loop thread; collectives are plain calls on whichever thread makes
+// them). What it must not see is concurrent calls, which `&mut self` on every method
+// rules out; moving it to another thread is therefore sound.
+#[allow(unsafe_code)]
+unsafe impl Send for Comm {}
+
 impl Comm {
     /// Binds Gloo's TCP device on `host` (this machine's hostname when `None`),
     /// exchanges addresses through `store` and connects to every other rank.

@@ -115,6 +115,16 @@ impl Collective {
     /// Joins the gang: rank 0 serves the rendezvous, every rank connects to every other.
     /// Returns once all `world_size` ranks are connected.
     pub fn connect(config: &Config) -> Result<Self, Error> {
+        let mut all = Self::connect_many(config, 1)?;
+        Ok(all.pop().expect("one context was asked for"))
+    }
+
+    /// [`Self::connect`] with `contexts` independent sets of connections (each its own
+    /// Gloo context, rendezvousing under its own keys), so that collectives may run on
+    /// them at the same time from different threads: the all-gather of the next
+    /// weights beside the reduce-scatter of the last gradients. Every rank must ask
+    /// for the same number.
+    pub fn connect_many(config: &Config, contexts: usize) -> Result<Vec<Self>, Error> {
         let (rank, world_size) = (config.rank, config.world_size);
         if world_size == 0 || rank >= world_size {
             return Err(Error::Config {
@@ -159,33 +169,44 @@ impl Collective {
                 })
             })
             .transpose()?;
-        let mut comm = Comm::connect(
-            rank,
-            world_size,
-            device_host.as_deref(),
-            config.rendezvous_timeout,
-            config.timeout,
-            &mut client,
-        )
-        .map_err(|message| Error::Rendezvous {
-            message: format!(
-                "failed to connect rank {rank} to the other {} ranks through {}: {message}",
-                world_size - 1,
-                config.rendezvous
-            ),
-        })?;
-        // Past this barrier every rank has read every address: rank 0 may stop serving.
-        comm.barrier().map_err(|message| Error::Rendezvous {
-            message: format!("failed to confirm the rendezvous of {world_size} ranks: {message}"),
-        })?;
+        let mut all = Vec::with_capacity(contexts);
+        for context in 0..contexts.max(1) {
+            client.set_prefix(&if context == 0 {
+                String::new()
+            } else {
+                format!("context-{context}/")
+            });
+            let mut comm = Comm::connect(
+                rank,
+                world_size,
+                device_host.as_deref(),
+                config.rendezvous_timeout,
+                config.timeout,
+                &mut client,
+            )
+            .map_err(|message| Error::Rendezvous {
+                message: format!(
+                    "failed to connect rank {rank} to the other {} ranks through {}: {message}",
+                    world_size - 1,
+                    config.rendezvous
+                ),
+            })?;
+            // Past this barrier every rank has read every address: rank 0 may stop serving.
+            comm.barrier().map_err(|message| Error::Rendezvous {
+                message: format!(
+                    "failed to confirm the rendezvous of {world_size} ranks: {message}"
+                ),
+            })?;
+            all.push(Self {
+                rank,
+                world_size,
+                comm,
+            });
+        }
         drop(client);
         drop(server);
-        tracing::info!(rank, world_size, rendezvous = %config.rendezvous, "joined the gang");
-        Ok(Self {
-            rank,
-            world_size,
-            comm,
-        })
+        tracing::info!(rank, world_size, contexts, rendezvous = %config.rendezvous, "joined the gang");
+        Ok(all)
     }
 
     /// This rank.

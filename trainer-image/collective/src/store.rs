@@ -221,6 +221,8 @@ pub struct StoreClient {
     addr: String,
     /// Extra time a reply may take beyond a get's own timeout.
     grace: Duration,
+    /// Prepended to every key: separate name spaces for separate Gloo contexts.
+    prefix: String,
 }
 
 impl StoreClient {
@@ -269,6 +271,7 @@ impl StoreClient {
             writer: BufWriter::new(stream),
             addr: addr.to_owned(),
             grace: Duration::from_secs(10),
+            prefix: String::new(),
         })
     }
 
@@ -281,8 +284,15 @@ impl StoreClient {
         }
     }
 
+    /// Puts every key from now on under `prefix` (each Gloo context of a rank
+    /// connects through its own name space).
+    pub fn set_prefix(&mut self, prefix: &str) {
+        prefix.clone_into(&mut self.prefix);
+    }
+
     /// Stores `value` under `key`.
     pub fn set(&mut self, key: &str, value: &[u8]) -> Result<(), Error> {
+        let key = &format!("{}{key}", self.prefix);
         let sent = (|| {
             self.reader.get_ref().set_read_timeout(Some(self.grace))?;
             self.writer.write_all(&[SET])?;
@@ -299,6 +309,7 @@ impl StoreClient {
     /// The value of `key`, waiting up to `timeout` for some rank to store it; `None` if
     /// none did.
     pub fn get(&mut self, key: &str, timeout: Duration) -> Result<Option<Vec<u8>>, Error> {
+        let key = &format!("{}{key}", self.prefix);
         let got = (|| {
             self.reader
                 .get_ref()
