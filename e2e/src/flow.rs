@@ -175,7 +175,9 @@ pub async fn run(
     })
 }
 
-async fn ensure_namespace(cluster: &Cluster, name: &str) -> Result<()> {
+/// Creates namespace `name` with Pod Security "restricted" enforced, and waits for its
+/// default service account.
+pub async fn ensure_namespace(cluster: &Cluster, name: &str) -> Result<()> {
     let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
     let namespace: Namespace = serde_json::from_value(json!({
         "apiVersion": "v1",
@@ -196,16 +198,17 @@ async fn ensure_namespace(cluster: &Cluster, name: &str) -> Result<()> {
 }
 
 /// The three claims and the host directories behind them.
-struct Volumes {
-    models: PathBuf,
-    datasets: PathBuf,
-    adapters: PathBuf,
+#[derive(Debug)]
+pub struct Volumes {
+    pub models: PathBuf,
+    pub datasets: PathBuf,
+    pub adapters: PathBuf,
 }
 
 impl Volumes {
     /// Claims `models`, `datasets` and `adapters` from the local volumes; they bind at
     /// once (the class binds immediately), so data can go in before any pod runs.
-    async fn claim(cluster: &Cluster, ns: &str) -> Result<Self> {
+    pub async fn claim(cluster: &Cluster, ns: &str) -> Result<Self> {
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client.clone(), ns);
         let volumes: Api<PersistentVolume> = Api::all(cluster.client.clone());
         let mut dirs = Vec::new();
@@ -259,10 +262,16 @@ impl Volumes {
 
     /// The base model under `base/`, the dataset as `train.jsonl` and `eval.jsonl`.
     fn fill(&self, options: &Options) -> Result<()> {
+        self.put(&options.model, &options.train, &options.eval)
+    }
+
+    /// `model` under `base/`, `train` and `eval` as `train.jsonl` and `eval.jsonl`,
+    /// owned by the images' user.
+    pub fn put(&self, model: &Path, train: &[Value], eval: &[Value]) -> Result<()> {
         let base = self.models.join("base");
-        copy_dir(&options.model, &base)?;
-        write_jsonl(&self.datasets.join("train.jsonl"), &options.train)?;
-        write_jsonl(&self.datasets.join("eval.jsonl"), &options.eval)?;
+        copy_dir(model, &base)?;
+        write_jsonl(&self.datasets.join("train.jsonl"), train)?;
+        write_jsonl(&self.datasets.join("eval.jsonl"), eval)?;
         for dir in [&self.models, &self.datasets, &self.adapters] {
             chown_tree(dir)?;
         }
@@ -311,7 +320,7 @@ fn chown_tree(dir: &Path) -> Result<()> {
 
 /// `helm upgrade --install` of charts/kubetune into `ns`, watching only `ns`, the
 /// operator on the real node from the imported image; waits until it is available.
-fn install_chart(cluster: &Cluster, ns: &str, tag: &str) -> Result<()> {
+pub fn install_chart(cluster: &Cluster, ns: &str, tag: &str) -> Result<()> {
     let chart = workspace_root().join("charts/kubetune");
     let output = cluster.helm()
         .args(["upgrade", "--install", "kubetune"])
@@ -357,7 +366,8 @@ fn install_chart(cluster: &Cluster, ns: &str, tag: &str) -> Result<()> {
     Ok(())
 }
 
-fn placement() -> Value {
+/// `spec.scheduling` that puts a trainer on the real node.
+pub fn placement() -> Value {
     json!({
         "tolerations": [{ "key": REAL_NODE_LABEL, "operator": "Exists", "effect": "NoSchedule" }],
         "nodeSelector": { REAL_NODE_LABEL: "true" },
@@ -394,10 +404,28 @@ async fn watch_training(
     timeout: Duration,
     progress: &mut impl FnMut(&FineTuneJob),
 ) -> Result<FineTuneJob> {
+    watch_job(jobs, JOB, timeout, |job| {
+        progress(job);
+        std::future::ready(Ok(()))
+    })
+    .await
+}
+
+/// Polls FineTuneJob `name` every second until it succeeds (an error when it fails or
+/// `timeout` passes), handing each reading to `progress` first.
+pub async fn watch_job<F>(
+    jobs: &Api<FineTuneJob>,
+    name: &str,
+    timeout: Duration,
+    mut progress: impl FnMut(&FineTuneJob) -> F,
+) -> Result<FineTuneJob>
+where
+    F: std::future::Future<Output = Result<()>>,
+{
     let start = Instant::now();
     loop {
-        let job = jobs.get(JOB).await?;
-        progress(&job);
+        let job = jobs.get(name).await?;
+        progress(&job).await?;
         match job.status.as_ref().map(|status| status.phase) {
             Some(Phase::Succeeded) => return Ok(job),
             Some(Phase::Failed) => bail!(
@@ -413,7 +441,7 @@ async fn watch_training(
                 serde_json::to_string_pretty(&job.status)?
             );
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
