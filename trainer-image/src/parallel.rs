@@ -2,28 +2,25 @@
 //! training loop needs from it, on Gloo through `kubetune-collective` (the `gloo`
 //! cargo feature).
 //!
-//! Every rank holds the whole model and the whole dataset. The training loop cuts each
-//! global micro-batch (`batch_size × world_size` sequences, in the order one process
-//! would use) into contiguous per-rank shards of `batch_size`; each rank back-propagates
-//! its shard's loss scaled by the *global* step weight (target tokens of the whole
-//! step, which every rank can count from the data), so the sum of the ranks' gradients
-//! is exactly the gradient one process would compute on the global batch. Every rank
-//! then clips and applies the same AdamW step to the same summed gradients, and the
-//! weights stay identical (checked at the end). Rank 0 alone writes checkpoints and
-//! outputs.
+//! Every rank holds the whole dataset. The training loop cuts each global micro-batch
+//! (`batch_size × world_size` sequences, in the order one process would use) into
+//! contiguous per-rank shards of `batch_size`; each rank back-propagates its shard's
+//! loss scaled by the *global* step weight (target tokens of the whole step, which
+//! every rank can count from the data), so the sum of the ranks' gradients is exactly
+//! the gradient one process would compute on the global batch.
 //!
-//! The optimizer state is sharded across the ranks by default (ZeRO stage 1, see
-//! [`Partition`]): each rank keeps the AdamW moments of, and updates, only the
-//! parameters it owns, then every owner broadcasts its updated parameters. AdamW's
-//! two f32 moments per weight are half of full fine-tuning's memory beyond activations
-//! (weights, gradients, moments: 4 floats a weight), so on W ranks each holds
-//! 2 + 2/W floats a weight instead of 4, for one extra exchange of the weights a step.
-//! The arithmetic per parameter is unchanged, so the weights are the same bits either
-//! way. Checkpoints still hold the whole state: the owners send their moments to rank
-//! 0 when one is written, and every rank keeps its share of them on resume.
-//!
-//! Stage 1 is an option ([`Sharding::OptimizerState`]); the default shards the weights
-//! and gradients too ([`Sharding::Full`], see [`crate::zero3`]).
+//! What each rank keeps of the model is its [`Sharding`]. By default
+//! ([`Sharding::Full`], ZeRO stage 3, see [`crate::zero3`]) an even share of every
+//! weight, gradient and moment, the weights gathered a unit at a time. With whole
+//! weights on every rank, every rank clips and applies the same AdamW step to the same
+//! summed gradients and the weights stay identical (checked at the end); rank 0 alone
+//! writes checkpoints and outputs. Of those, [`Sharding::OptimizerState`] (ZeRO stage
+//! 1, see [`Partition`]) has each rank keep the AdamW moments of, and update, only the
+//! parameters it owns, then every owner broadcasts its updated parameters: on W ranks
+//! each holds 2 + 2/W floats a weight instead of 4, for one extra exchange of the
+//! weights a step, the same bits as [`Sharding::Replicated`]. Its checkpoints still
+//! hold the whole state: the owners send their moments to rank 0 when one is written,
+//! and every rank keeps its share of them on resume.
 //!
 //! With one rank (no gang) every collective is the identity.
 

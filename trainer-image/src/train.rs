@@ -14,8 +14,10 @@
 //! Full fine-tuning can run data-parallel across ranks ([`parallel`](crate::parallel)):
 //! a micro-batch of the stream is then `batch_size × world_size` sequences, each rank
 //! back-propagates its contiguous `batch_size` of them, and the ranks' gradients are
-//! summed before the (identical) optimizer step, which reproduces one process training
-//! with the global batch.
+//! summed before the optimizer step, which reproduces one process training with the
+//! global batch. How the weights, gradients and optimizer state are held (whole in
+//! this process, or sharded across the gang by [`crate::zero3`]) is the loop's
+//! `Engine`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
