@@ -379,6 +379,16 @@ pub struct Scheduling {
     #[serde(default = "default_gang_timeout")]
     #[schemars(range(min = 30, max = 86_400))]
     pub gang_timeout_seconds: u32,
+
+    /// A gang's pods on distinct nodes (a required pod anti-affinity on the hostname),
+    /// so each pod has its node's GPUs. Default true; false lets several pods of one
+    /// gang share a node (one large node, tests), each still with its own requests.
+    #[serde(default = "default_true")]
+    pub one_pod_per_node: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_gang_timeout() -> u32 {
@@ -393,6 +403,7 @@ impl Default for Scheduling {
             tolerations: Vec::new(),
             node_selector: BTreeMap::new(),
             gang_timeout_seconds: default_gang_timeout(),
+            one_pod_per_node: true,
         }
     }
 }

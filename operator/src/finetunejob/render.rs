@@ -285,8 +285,9 @@ fn pod_spec(
         limits.insert("memory".into(), Quantity(memory.clone()));
     }
 
-    // One pod per node: the ranks of a gang repel each other.
-    let affinity = gang.then(|| Affinity {
+    // One pod per node: the ranks of a gang repel each other (unless the spec lets
+    // them share a node).
+    let affinity = (gang && spec.scheduling.one_pod_per_node).then(|| Affinity {
         pod_anti_affinity: Some(PodAntiAffinity {
             required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
                 label_selector: Some(LabelSelector {
@@ -519,6 +520,22 @@ mod tests {
         env.iter()
             .find(|e| e.name == name)
             .and_then(|e| e.value.clone())
+    }
+
+    #[test]
+    fn a_gang_allowed_to_share_nodes_has_no_anti_affinity_and_keeps_its_service() {
+        let mut ftj = finetunejob_from_example("full-16-nodes.yaml");
+        ftj.spec.scheduling.one_pod_per_node = false;
+        let children = children(&ftj, &context(1)).expect("renders");
+        let pod = children
+            .job
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec");
+        assert!(pod.affinity.is_none(), "{:?}", pod.affinity);
+        assert!(children.service.is_some());
+        assert_eq!(pod.subdomain.as_deref(), Some("domain-full-ranks"));
     }
 
     #[test]
