@@ -89,6 +89,25 @@ pub fn local_rank() -> Result<usize> {
     Ok(number(contract::ENV_LOCAL_RANK)?.unwrap_or(0))
 }
 
+/// The variable candle's CPU kernels (and rayon) size their thread pools by.
+const RAYON_NUM_THREADS: &str = "RAYON_NUM_THREADS";
+
+/// The compute threads each of `ranks` CPU ranks of a pod gets: the pod's cores (the
+/// cgroup's CPU quota, which `available_parallelism` reads) shared out, at least one
+/// each; `None` when the pod sets `RAYON_NUM_THREADS` itself. Without it every rank
+/// would start a thread per core, `ranks` times more threads than cores.
+fn threads_per_rank(ranks: usize) -> Option<usize> {
+    if var(RAYON_NUM_THREADS).is_some() {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some(share_cores(cores, ranks))
+}
+
+fn share_cores(cores: usize, ranks: usize) -> usize {
+    (cores / ranks.max(1)).max(1)
+}
+
 /// The exit code a shell would report for `status`: the code, or 128 + the signal.
 fn code_of(status: ExitStatus) -> i32 {
     status
@@ -111,6 +130,7 @@ pub async fn run(pod: PodRanks) -> Result<i32> {
             path: "SIGTERM".into(),
             source: err,
         })?;
+    let threads = threads_per_rank(pod.ranks_per_pod);
     let mut ranks: Vec<Child> = Vec::with_capacity(pod.ranks_per_pod);
     for local in 0..pod.ranks_per_pod {
         let mut command = Command::new(&exe);
@@ -121,6 +141,9 @@ pub async fn run(pod: PodRanks) -> Result<i32> {
             .kill_on_drop(true);
         if local > 0 {
             command.env(contract::ENV_PROGRESS_ADDR, "127.0.0.1:0");
+        }
+        if let Some(threads) = threads {
+            command.env(RAYON_NUM_THREADS, threads.to_string());
         }
         let child = command.spawn().map_err(|err| Error::Io {
             action: "start",
@@ -204,6 +227,15 @@ fn signal_all(ranks: &[Child], codes: &[Option<i32>], signal: Signal) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pods_cores_are_shared_out_among_its_ranks_at_least_one_each() {
+        assert_eq!(share_cores(16, 8), 2);
+        assert_eq!(share_cores(2, 2), 1);
+        assert_eq!(share_cores(7, 2), 3);
+        assert_eq!(share_cores(2, 4), 1);
+        assert_eq!(share_cores(4, 0), 4);
+    }
 
     #[test]
     fn global_ranks_number_each_pods_ranks_after_the_pods_before_it() {
