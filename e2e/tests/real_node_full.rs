@@ -57,7 +57,7 @@ fn full_job(name: &str, output: &str) -> Result<FineTuneJob> {
             },
             "checkpoint": { "everySteps": CHECKPOINT_EVERY, "keep": 2 },
             // Two ranks in one pod on CPU: the gang's world is 2.
-            "resources": { "cpu": "2", "memory": "2Gi", "nodes": 1, "ranksPerNode": 2 },
+            "resources": { "cpu": "1", "memory": "2Gi", "nodes": 1, "ranksPerNode": 2 },
             "maxRestarts": 2,
             "output": { "volume": { "claimName": "adapters", "path": output } },
             "scheduling": flow::placement(),
