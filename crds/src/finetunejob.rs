@@ -190,6 +190,13 @@ pub struct BaseModel {
 
     /// The checkpoint directory on a PersistentVolumeClaim; mounted read-only.
     pub volume: VolumePath,
+
+    /// The model's dimensions, as in its config.json, for the memory plan made at
+    /// admission (`status.memoryPlan`, condition FitsGpuMemory). Optional: well-known
+    /// names (Llama 3.1 8B and 70B, Llama 3.2 1B and 3B) need none; without either the
+    /// plan waits for the trainer, which makes it from config.json.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<crate::memory::ModelShape>,
 }
 
 /// Training and evaluation data as JSONL files on a PersistentVolumeClaim.
@@ -265,6 +272,39 @@ pub struct Resources {
 
 fn default_nodes() -> u32 {
     1
+}
+
+impl FineTuneJobSpec {
+    /// The memory plan's input for this job on a model of `shape`, as the trainer will
+    /// run it: fully sharded across a gang, no recompute unless it must, the CUDA
+    /// runtime's reserve on a GPU and nothing besides on a CPU (which the trainer
+    /// measures itself).
+    pub fn plan_input(&self, shape: crate::memory::ModelShape) -> crate::memory::PlanInput {
+        use crate::memory::{GPU_RUNTIME_BYTES, PlanInput, Processor, Sharding};
+        let gpu = self.resources.gpu.is_some();
+        PlanInput {
+            shape,
+            method: self.method,
+            sharding: Sharding::Full,
+            world_size: u64::from(self.resources.world_size()),
+            seq_len: u64::from(self.hyperparameters.max_seq_length),
+            micro_batch: u64::from(self.hyperparameters.batch_size),
+            recompute: false,
+            lora_rank: u64::from(self.lora.clone().unwrap_or_default().rank),
+            processor: if gpu { Processor::Gpu } else { Processor::Cpu },
+            runtime_bytes: if gpu { GPU_RUNTIME_BYTES } else { 0 },
+        }
+    }
+
+    /// The model's dimensions, from `baseModel.shape` or a well-known `baseModel.name`.
+    pub fn model_shape(&self) -> Option<crate::memory::ModelShape> {
+        self.base_model.shape.or_else(|| {
+            self.base_model
+                .name
+                .as_deref()
+                .and_then(crate::memory::ModelShape::known)
+        })
+    }
 }
 
 impl Resources {
@@ -458,7 +498,7 @@ pub struct FineTuneJobStatus {
     pub phase: Phase,
 
     /// Standard conditions: Admitted, Running, Succeeded, Failed, Suspended, Stalled,
-    /// InputsReady.
+    /// InputsReady, FitsGpuMemory.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -498,6 +538,25 @@ pub struct FineTuneJobStatus {
     /// Names of the objects the operator created for this job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub children: Option<Children>,
+
+    /// The peak memory one rank needs, planned before it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_plan: Option<MemoryPlanStatus>,
+}
+
+/// The memory plan of a job ([`crate::memory`]): per rank, by what it holds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryPlanStatus {
+    /// Where the model's dimensions came from: `spec` (baseModel.shape or a
+    /// well-known baseModel.name) at admission, or `trainer` (the model's config.json).
+    pub source: String,
+    /// Bytes of memory of one GPU of the product asked for, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_bytes: Option<u64>,
+    /// The bytes, by part.
+    #[serde(flatten)]
+    pub plan: crate::memory::MemoryPlan,
 }
 
 /// One run of the trainer pods, from placement to exit.

@@ -8,6 +8,7 @@ pub mod adapterdeployment;
 pub mod decimal;
 pub mod finetunejob;
 pub mod manifests;
+pub mod memory;
 pub mod training;
 
 pub use adapterdeployment::{AdapterDeployment, AdapterDeploymentSpec, AdapterDeploymentStatus};

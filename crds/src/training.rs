@@ -512,6 +512,9 @@ pub mod contract {
     pub const ENV_RENDEZVOUS: &str = "KUBETUNE_RENDEZVOUS";
     /// The address the trainer serves progress and metrics on.
     pub const ENV_PROGRESS_ADDR: &str = "KUBETUNE_PROGRESS_ADDR";
+    /// Bytes of memory of each of the pod's GPUs (from the product the job asks for):
+    /// the trainer refuses a run whose memory plan exceeds it.
+    pub const ENV_GPU_MEMORY_BYTES: &str = "KUBETUNE_GPU_MEMORY_BYTES";
     /// The port progress is served on (`GET /progress`, `/metrics`, `/healthz`).
     pub const PROGRESS_PORT: u16 = 8080;
     /// The port rank 0 listens on for the rendezvous.
@@ -555,6 +558,9 @@ pub mod contract {
         /// `rewards/rejected`, `accuracy`, `margin`; after training also `eval_`-prefixed).
         #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
         pub metrics: std::collections::BTreeMap<String, f64>,
+        /// The run's memory plan, per rank (from the model's `config.json`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub memory_plan: Option<crate::memory::MemoryPlan>,
     }
 
     /// What a successful trainer writes to its termination log: one JSON object the

@@ -201,6 +201,10 @@ pub struct TrainArgs {
     /// Recompute each block in backward instead of keeping activations.
     #[arg(long)]
     pub recompute: bool,
+    /// Bytes of memory of the GPU (the operator sets it from the job's GPU product):
+    /// a run whose memory plan needs more refuses to start. Unset: not checked.
+    #[arg(long, env = kubetune_crds::training::contract::ENV_GPU_MEMORY_BYTES)]
+    pub gpu_memory_bytes: Option<u64>,
     /// Where progress is served over HTTP.
     #[arg(long, env = kubetune_crds::training::contract::ENV_PROGRESS_ADDR, default_value = "0.0.0.0:8080")]
     pub progress_addr: String,
@@ -485,6 +489,7 @@ pub fn options_from_config(config: &TrainerConfig, recompute: bool) -> Result<Tr
         checkpoint_every: u64::from(config.checkpoint.every_steps),
         checkpoint_keep: config.checkpoint.keep as usize,
         recompute,
+        gpu_memory_bytes: None,
         interrupt_after_step: None,
         gang: None,
     })
@@ -592,6 +597,7 @@ pub async fn run_train(args: TrainArgs) -> Result<RunSummary> {
     };
     let mut opts = options_from_config(&config, args.recompute)?;
     opts.interrupt_after_step = args.interrupt_after_step;
+    opts.gpu_memory_bytes = args.gpu_memory_bytes;
     opts.gang = gang_from_env(
         Duration::from_secs(args.rendezvous_timeout_seconds),
         Duration::from_secs(args.collective_timeout_seconds),

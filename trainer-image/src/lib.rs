@@ -114,6 +114,7 @@ pub mod full;
 pub mod gguf;
 pub mod launch;
 pub mod lora;
+pub mod memory;
 pub mod model;
 pub mod nf4;
 pub mod ops;

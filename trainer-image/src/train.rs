@@ -50,6 +50,7 @@ use crate::progress::{SharedProgress, update};
 use crate::rng::Rng;
 use crate::tokenizer::TextTokenizer;
 use crate::zero3::{Traffic, Zero3};
+use kubetune_crds::memory::MemoryPlan;
 
 /// The fine-tuning method of a run and its settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -133,6 +134,9 @@ pub struct TrainOptions {
     /// Layer-wise recompute: keep only block inputs during forward and re-run each
     /// block in backward (less memory, about one more forward of compute).
     pub recompute: bool,
+    /// Bytes of memory of the GPU, where the run has one and knows it: a memory plan
+    /// above it refuses to start.
+    pub gpu_memory_bytes: Option<u64>,
     /// Behave as if SIGTERM arrived right after this step (for tests and drills).
     pub interrupt_after_step: Option<u64>,
     /// The data-parallel gang this process trains in (full fine-tuning only); `None`:
@@ -199,6 +203,8 @@ pub struct RunSummary {
     /// attempt's steps.
     #[serde(skip_serializing_if = "is_zero_u64")]
     pub collective_bytes: u64,
+    /// The run's memory plan, per rank ([`crate::memory`]).
+    pub memory_plan: MemoryPlan,
     /// Whether this process wrote the outputs: rank 0 of a gang, or a lone process.
     /// Other ranks write nothing, and their `adapter` is empty.
     #[serde(skip)]
@@ -650,7 +656,36 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
             opts.method, gang.world_size
         )));
     }
-    update(&control.progress, |p| p.phase = "loading".into());
+    // Planned before anything is loaded: a run that cannot fit fails now, on every
+    // rank alike, and one that fits only by recomputing blocks does so.
+    let runtime_bytes = crate::memory::resident_bytes();
+    let (planned, plan) = crate::memory::fit(
+        crate::memory::plan_input(
+            opts,
+            &ModelConfig::load(&opts.model_dir)?,
+            device.is_cuda(),
+            runtime_bytes,
+        ),
+        opts.gpu_memory_bytes.filter(|_| device.is_cuda()),
+    )?;
+    tracing::info!("memory plan: {}", plan.summary());
+    let recomputing;
+    let opts = if planned.recompute && !opts.recompute {
+        tracing::info!(
+            "recomputing each block in backward: keeping their activations would not fit the GPU"
+        );
+        recomputing = TrainOptions {
+            recompute: true,
+            ..opts.clone()
+        };
+        &recomputing
+    } else {
+        opts
+    };
+    update(&control.progress, |p| {
+        p.phase = "loading".into();
+        p.memory_plan = Some(plan);
+    });
     let Prepared {
         model,
         tokenizer,
@@ -926,6 +961,7 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
         collective_bytes: traffic.bytes_sent,
         optimizer_state_bytes: engine.optimizer_state_bytes(),
         state_bytes: engine.state_bytes(),
+        memory_plan: plan,
         primary: ranks.is_primary(),
     };
     if summary.primary {

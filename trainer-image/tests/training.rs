@@ -49,6 +49,7 @@ fn options(root: &Path, out: &str) -> TrainOptions {
         checkpoint_every: 1000,
         checkpoint_keep: 2,
         recompute: false,
+        gpu_memory_bytes: None,
         interrupt_after_step: None,
         gang: None,
     }

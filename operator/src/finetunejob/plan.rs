@@ -13,7 +13,10 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kubetune_crds::Money;
-use kubetune_crds::finetunejob::{Attempt, Children, Cost, FineTuneJob, FineTuneJobStatus, Phase};
+use kubetune_crds::finetunejob::{
+    Attempt, Children, Cost, FineTuneJob, FineTuneJobStatus, MemoryPlanStatus, Phase,
+};
+use kubetune_crds::memory;
 use kubetune_crds::training::contract::ProgressReport;
 
 use crate::conditions::{self, Desired};
@@ -290,6 +293,61 @@ pub fn plan(ftj: &FineTuneJob, observed: &Observed, now: Timestamp) -> Plan {
     }
 }
 
+/// The memory plan from the spec (`status.memoryPlan`, until the trainer reports its
+/// own from the model's config.json) and, with a GPU product of known memory,
+/// condition FitsGpuMemory. A plan that does not fit is a warning, with an event, not a
+/// refusal: the trainer, which reads the real config, refuses to start.
+fn plan_memory(p: &mut Planner<'_>) {
+    let spec = &p.ftj.spec;
+    let from_trainer = p
+        .status
+        .memory_plan
+        .as_ref()
+        .is_some_and(|m| m.source == "trainer");
+    let Some(shape) = spec.model_shape().filter(|_| !from_trainer) else {
+        return;
+    };
+    let capacity = spec
+        .resources
+        .gpu
+        .as_ref()
+        .and_then(|gpu| memory::gpu_memory_bytes(&gpu.product));
+    let plan = spec.plan_input(shape).fitted(capacity).plan();
+    p.status.memory_plan = Some(MemoryPlanStatus {
+        source: "spec".into(),
+        gpu_memory_bytes: capacity,
+        plan,
+    });
+    let (Some(capacity), Some(gpu)) = (capacity, spec.resources.gpu.as_ref()) else {
+        return;
+    };
+    let fits = plan.peak_bytes <= capacity;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let message = format!(
+        "{} per rank; {} has {:.1} GiB{}",
+        plan.summary(),
+        gpu.product,
+        gib(capacity),
+        if fits {
+            ""
+        } else {
+            ": the trainer will refuse to start; use more nodes, a smaller batchSize or \
+             maxSeqLength, or method qlora"
+        }
+    );
+    let warned =
+        conditions::get(&p.status.conditions, "FitsGpuMemory").is_some_and(|c| c.status == "False");
+    if !fits && !warned {
+        p.event("InsufficientGpuMemory", message.clone(), true);
+    }
+    let reason = if fits {
+        "Fits"
+    } else {
+        "InsufficientGpuMemory"
+    };
+    p.condition("FitsGpuMemory", fits, reason, message);
+}
+
 fn step(p: &mut Planner<'_>, observed: &Observed) {
     let spec = &p.ftj.spec;
 
@@ -332,6 +390,7 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
         "Found",
         "every PersistentVolumeClaim exists".into(),
     );
+    plan_memory(p);
 
     let Some(current) = p.status.attempts.last().cloned() else {
         if spec.budget.is_some() && observed.cost.is_none() && observed.prices_pending {
@@ -805,6 +864,20 @@ fn progress_and_stall(
     nodes: Vec<String>,
 ) {
     let progress = progress::to_status(report, p.status.progress.as_ref(), p.now);
+    if let Some(plan) = report.memory_plan {
+        let gpu_memory_bytes = p
+            .ftj
+            .spec
+            .resources
+            .gpu
+            .as_ref()
+            .and_then(|gpu| memory::gpu_memory_bytes(&gpu.product));
+        p.status.memory_plan = Some(MemoryPlanStatus {
+            source: "trainer".into(),
+            gpu_memory_bytes,
+            plan,
+        });
+    }
     if let Some(evaluation) = progress::evaluation(report.base_eval_loss, report.eval_loss) {
         p.status.evaluation = Some(evaluation);
     }
@@ -902,6 +975,84 @@ mod tests {
         assert_eq!(plan.status.phase, Phase::Admitted);
         assert_eq!(plan.status.attempts.len(), 1);
         assert_eq!(plan.status.observed_generation, Some(1));
+    }
+
+    #[test]
+    fn every_gpu_example_fits_its_memory_plan() {
+        for example in [
+            "lora-a100.yaml",
+            "qlora.yaml",
+            "dpo.yaml",
+            "full-16-nodes.yaml",
+        ] {
+            let ftj = finetunejob_from_example(example);
+            let plan = plan(&ftj, &Observed::default(), at(0));
+            let memory = plan.status.memory_plan.as_ref().expect("a known model");
+            assert_eq!(memory.source, "spec");
+            let fits = conditions::get(&plan.status.conditions, "FitsGpuMemory").expect("set");
+            assert_eq!(fits.status, "True", "{example}: {}", fits.message);
+            assert!(
+                plan.transitions
+                    .iter()
+                    .all(|t| t.reason != "InsufficientGpuMemory")
+            );
+        }
+    }
+
+    #[test]
+    fn a_job_too_big_for_its_gpu_is_warned_about_once_at_admission() {
+        let mut ftj = finetunejob_from_example("lora-a100.yaml");
+        ftj.spec.base_model.name = Some("meta-llama/Llama-3.1-70B-Instruct".into());
+        let first = plan(&ftj, &Observed::default(), at(0));
+        let fits = conditions::get(&first.status.conditions, "FitsGpuMemory").expect("set");
+        assert_eq!(
+            (fits.status.as_str(), fits.reason.as_str()),
+            ("False", "InsufficientGpuMemory")
+        );
+        assert!(
+            fits.message.contains("NVIDIA-A100-SXM4-80GB"),
+            "{}",
+            fits.message
+        );
+        let warnings: Vec<_> = first
+            .transitions
+            .iter()
+            .filter(|t| t.reason == "InsufficientGpuMemory")
+            .collect();
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].warning);
+        // Still admitted: the trainer, which reads the real config, decides.
+        assert_eq!(first.actions, ensure(1));
+        let memory = first.status.memory_plan.clone().expect("planned");
+        assert!(memory.plan.peak_bytes > memory.gpu_memory_bytes.expect("known product"));
+
+        let again = plan(&with_status(ftj, &first), &Observed::default(), at(1));
+        assert!(
+            again
+                .transitions
+                .iter()
+                .all(|t| t.reason != "InsufficientGpuMemory")
+        );
+    }
+
+    #[test]
+    fn the_trainers_plan_replaces_the_specs() {
+        let ftj = finetunejob_from_example("lora-a100.yaml");
+        let ftj = with_status(ftj.clone(), &plan(&ftj, &Observed::default(), at(0)));
+        let trainer = kubetune_crds::memory::MemoryPlan {
+            peak_bytes: 123,
+            ..Default::default()
+        };
+        let report = ProgressReport {
+            memory_plan: Some(trainer),
+            ..training(1)
+        };
+        let running = plan(&ftj, &running_with(Some(report)), at(10));
+        let memory = running.status.memory_plan.clone().expect("planned");
+        assert_eq!((memory.source.as_str(), memory.plan), ("trainer", trainer));
+        // Later reconciles keep it.
+        let later = plan(&with_status(ftj, &running), &running_with(None), at(20));
+        assert_eq!(later.status.memory_plan, running.status.memory_plan);
     }
 
     #[test]

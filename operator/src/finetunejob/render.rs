@@ -343,6 +343,15 @@ fn pod_spec(
         ),
         env_var(contract::ENV_TERMINATION_LOG, "/dev/termination-log".into()),
     ]);
+    // The trainer checks its memory plan against the product's memory.
+    if let Some(bytes) = spec
+        .resources
+        .gpu
+        .as_ref()
+        .and_then(|gpu| kubetune_crds::memory::gpu_memory_bytes(&gpu.product))
+    {
+        env.push(env_var(contract::ENV_GPU_MEMORY_BYTES, bytes.to_string()));
+    }
 
     let claim = |volume: &str, claim_name: &str, read_only: bool| Volume {
         name: volume.into(),
