@@ -24,7 +24,10 @@ pub const LABEL_VALUE_PATTERN: &str = r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z
 /// A DNS-1123 label: the shape of a Kubernetes object name such as a PVC's.
 pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
 /// A relative path inside a volume: no leading '/', no '..' segment.
-pub const RELATIVE_PATH_PATTERN: &str = r"^[A-Za-z0-9_.][-A-Za-z0-9_./]*$";
+pub const RELATIVE_PATH_PATTERN: &str = concat!(
+    r"^(?:[-A-Za-z0-9_][-A-Za-z0-9_.]*|\.[-A-Za-z0-9_][-A-Za-z0-9_.]*|\.\.[-A-Za-z0-9_.]+)",
+    r"(?:/(?:[-A-Za-z0-9_][-A-Za-z0-9_.]*|\.[-A-Za-z0-9_][-A-Za-z0-9_.]*|\.\.[-A-Za-z0-9_.]+))*/?$"
+);
 
 /// Fine-tune a base model on a dataset with LoRA, QLoRA, full fine-tuning or DPO.
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -169,8 +172,8 @@ pub struct VolumePath {
     #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
     pub claim_name: String,
 
-    /// Path inside the volume, relative to its root, without "..". Empty or omitted means
-    /// the root.
+    /// Path inside the volume, relative to its root: segments of letters, digits, "-",
+    /// "_" and ".", none of them "." or "..", no leading "/". Omitted means the root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024), regex(pattern = RELATIVE_PATH_PATTERN))]
     pub path: Option<String>,

@@ -428,6 +428,27 @@ pub fn read_config(path: &Path) -> Result<TrainerConfig> {
 /// Resolves a TrainerConfig into the options of a run, refusing what this trainer
 /// cannot do.
 pub fn options_from_config(config: &TrainerConfig, recompute: bool) -> Result<TrainOptions> {
+    // The operator joins each path to its volume's mount; one with a ".." component
+    // would open another team's files on a shared volume. The CRD refuses them at apply;
+    // this refuses them again, whatever wrote the config.
+    let paths = [
+        ("modelDir", Some(&config.model_dir)),
+        ("trainFile", Some(&config.train_file)),
+        ("evalFile", config.eval_file.as_ref()),
+        ("outputDir", Some(&config.output_dir)),
+        ("checkpointDir", Some(&config.checkpoint_dir)),
+    ];
+    for (field, path) in paths {
+        if let Some(path) = path
+            && std::path::Path::new(path)
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(Error::invalid(format!(
+                "{field} {path:?} has a \"..\" component: paths must stay inside their volume"
+            )));
+        }
+    }
     let method = match config.method {
         Method::Lora => MethodOptions::Lora,
         Method::Qlora => MethodOptions::Qlora {
@@ -663,5 +684,31 @@ async fn wait_for_termination() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(train_file: &str) -> TrainerConfig {
+        serde_json::from_value(serde_json::json!({
+            "method": "lora",
+            "modelDir": "/model/tiny",
+            "datasetFormat": "chat",
+            "trainFile": train_file,
+            "outputDir": "/output/team/job",
+            "checkpointDir": "/output/team/job/checkpoints",
+        }))
+        .expect("a trainer config")
+    }
+
+    #[test]
+    fn a_path_that_leaves_its_volume_is_refused() {
+        assert!(options_from_config(&config("/data/support/train.jsonl"), false).is_ok());
+        let error = options_from_config(&config("/data/../other-team/train.jsonl"), false)
+            .expect_err("refused");
+        assert!(error.is_invalid_input());
+        assert!(error.to_string().contains("trainFile"), "{error}");
     }
 }

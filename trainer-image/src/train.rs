@@ -694,6 +694,15 @@ pub fn train(opts: &TrainOptions, device: &Device, control: &Control) -> Result<
     // After loading, so that a rank with bad input fails on its own first, and the
     // rendezvous timeout absorbs the ranks' differing load times.
     let mut ranks = Ranks::join(opts.gang.as_ref())?;
+    if device.is_cuda() && ranks.world_size() > 1 {
+        // This trainer has no NCCL: a GPU gang works, at the speed of TCP and host memory.
+        tracing::warn!(
+            world_size = ranks.world_size(),
+            "the gang's collectives run on Gloo over TCP, through host memory: this trainer \
+             is built without NCCL, so every gather and reduce-scatter copies GPU tensors to \
+             the host and back"
+        );
+    }
     let pad = tokenizer.pad_id;
     let n_train = data.train_len();
     let global_batch = opts.batch_size * ranks.world_size();
