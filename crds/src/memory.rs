@@ -188,15 +188,51 @@ impl ModelShape {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Sharding {
-    /// ZeRO stage 3: an even share of every weight, gradient and moment.
+    /// ZeRO stage 3 (the trainer's `zero3`): an even share of each weight, gradient and
+    /// moment; weights are gathered a unit at a time when used. 16/W bytes a weight per
+    /// rank, for the state.
     #[default]
     Full,
-    /// As `Full`, keeping gathered weights from forward to backward.
+    /// As [`Self::Full`] between steps, but a unit's weights gathered in forward stay
+    /// until its backward (FSDP's `SHARD_GRAD_OP`, ZeRO stage 2 with sharded weights at
+    /// rest): the whole f32 weights at a step's peak, one all-gather a unit instead of
+    /// two, so the traffic is that of an all-reduce.
     ShardGradOp,
-    /// ZeRO stage 1: a share of the moments only.
+    /// ZeRO stage 1: whole weights and gradients, a share of the optimizer state.
+    /// 8 + 8/W bytes a weight.
     OptimizerState,
-    /// Every rank keeps everything.
+    /// Every rank keeps everything and updates every weight itself. 16 bytes a weight.
     Replicated,
+}
+
+impl Sharding {
+    /// The name `--sharding` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::ShardGradOp => "shard-grad-op",
+            Self::OptimizerState => "optimizer-state",
+            Self::Replicated => "replicated",
+        }
+    }
+}
+
+impl std::str::FromStr for Sharding {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            Self::Full,
+            Self::ShardGradOp,
+            Self::OptimizerState,
+            Self::Replicated,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+        .ok_or_else(|| {
+            format!("sharding {s:?}: expected full, shard-grad-op, optimizer-state or replicated")
+        })
+    }
 }
 
 /// Where the rank computes.

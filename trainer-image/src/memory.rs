@@ -2,9 +2,7 @@
 //! `config.json` and the run's settings before any weight is loaded, logged, served in
 //! progress, and checked against the GPU's memory.
 
-use kubetune_crds::memory::{
-    GPU_RUNTIME_BYTES, MemoryPlan, ModelShape, PlanInput, Processor, Sharding as PlanSharding,
-};
+use kubetune_crds::memory::{GPU_RUNTIME_BYTES, MemoryPlan, ModelShape, PlanInput, Processor};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -23,17 +21,6 @@ impl ModelConfig {
             head_dim: self.head_dim() as u64,
             vocab_size: self.vocab_size as u64,
             tie_word_embeddings: self.tie_word_embeddings,
-        }
-    }
-}
-
-impl From<Sharding> for PlanSharding {
-    fn from(sharding: Sharding) -> Self {
-        match sharding {
-            Sharding::Full => Self::Full,
-            Sharding::ShardGradOp => Self::ShardGradOp,
-            Sharding::OptimizerState => Self::OptimizerState,
-            Sharding::Replicated => Self::Replicated,
         }
     }
 }
@@ -59,7 +46,7 @@ pub fn plan_input(
     PlanInput {
         shape: config.shape(),
         method,
-        sharding: sharding.into(),
+        sharding,
         world_size: world_size as u64,
         seq_len: opts.max_seq_length as u64,
         micro_batch: opts.batch_size as u64,
@@ -120,7 +107,7 @@ mod tests {
         PlanInput {
             shape: ModelShape::LLAMA_3_1_8B,
             method: kubetune_crds::Method::Lora,
-            sharding: PlanSharding::Full,
+            sharding: Sharding::Full,
             world_size: 1,
             seq_len: 4096,
             micro_batch: batch,

@@ -49,54 +49,8 @@ pub struct Gang {
 }
 
 /// What each rank of a data-parallel gang keeps of the weights, gradients and
-/// optimizer state.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Sharding {
-    /// ZeRO stage 3 ([`crate::zero3`]): an even share of each; weights are gathered a
-    /// unit at a time when used. 16/W bytes a weight per rank, for the state.
-    #[default]
-    Full,
-    /// As [`Self::Full`] between steps, but a unit's weights gathered in forward stay
-    /// until its backward (FSDP's `SHARD_GRAD_OP`, ZeRO stage 2 with sharded weights at
-    /// rest): the whole f32 weights at a step's peak, one all-gather a unit instead of
-    /// two, so the traffic is that of an all-reduce.
-    ShardGradOp,
-    /// ZeRO stage 1 ([`Partition`]): whole weights and gradients, a share of the
-    /// optimizer state. 8 + 8/W bytes a weight.
-    OptimizerState,
-    /// Every rank keeps everything and updates every weight itself. 16 bytes a weight.
-    Replicated,
-}
-
-impl Sharding {
-    /// The name `--sharding` takes.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Full => "full",
-            Self::ShardGradOp => "shard-grad-op",
-            Self::OptimizerState => "optimizer-state",
-            Self::Replicated => "replicated",
-        }
-    }
-}
-
-impl std::str::FromStr for Sharding {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        [
-            Self::Full,
-            Self::ShardGradOp,
-            Self::OptimizerState,
-            Self::Replicated,
-        ]
-        .into_iter()
-        .find(|x| x.as_str() == s)
-        .ok_or_else(|| {
-            format!("sharding {s:?}: expected full, shard-grad-op, optimizer-state or replicated")
-        })
-    }
-}
+/// optimizer state: the memory plan's type, so that the plan and the run agree.
+pub use kubetune_crds::memory::Sharding;
 
 /// The ranks of a run as the training loop sees them.
 #[derive(Debug)]
