@@ -324,7 +324,7 @@ fn plan_memory(p: &mut Planner<'_>) {
     let fits = plan.peak_bytes <= capacity;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let message = format!(
-        "{} per rank; {} has {:.1} GiB{}",
+        "{}; {} has {:.1} GiB{}",
         plan.summary(),
         gpu.product,
         gib(capacity),
