@@ -311,6 +311,14 @@ impl FineTuneJobSpec {
 }
 
 impl Resources {
+    /// Bytes of memory of one GPU of the product asked for, when it is known
+    /// ([`crate::memory::gpu_memory_bytes`]).
+    pub fn gpu_memory_bytes(&self) -> Option<u64> {
+        self.gpu
+            .as_ref()
+            .and_then(|gpu| crate::memory::gpu_memory_bytes(&gpu.product))
+    }
+
     /// Trainer processes in each pod: `ranksPerNode`, else one per GPU, else 1.
     pub fn ranks_per_pod(&self) -> u32 {
         self.ranks_per_node
@@ -551,15 +559,25 @@ pub struct FineTuneJobStatus {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MemoryPlanStatus {
-    /// Where the model's dimensions came from: `spec` (baseModel.shape or a
-    /// well-known baseModel.name) at admission, or `trainer` (the model's config.json).
-    pub source: String,
+    /// Where the model's dimensions came from.
+    pub source: PlanSource,
     /// Bytes of memory of one GPU of the product asked for, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_memory_bytes: Option<u64>,
     /// The bytes, by part.
     #[serde(flatten)]
     pub plan: crate::memory::MemoryPlan,
+}
+
+/// Where a memory plan's model dimensions came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PlanSource {
+    /// `baseModel.shape` or a well-known `baseModel.name`, at admission.
+    #[default]
+    Spec,
+    /// The model's config.json, as the trainer read it.
+    Trainer,
 }
 
 /// One run of the trainer pods, from placement to exit.

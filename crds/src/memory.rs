@@ -470,7 +470,6 @@ impl PlanInput {
 impl MemoryPlan {
     /// One line for logs and messages: the peak and what makes it up, in GiB.
     pub fn summary(&self) -> String {
-        let gib = |b: u64| b as f64 / GIB;
         format!(
             "{:.2} GiB peak per rank: weights {:.2}, gradients {:.2}, optimizer {:.2}, \
              gathered {:.2}, activations {:.2}, buffers {:.2}, runtime {:.2}",
@@ -486,7 +485,10 @@ impl MemoryPlan {
     }
 }
 
-const GIB: f64 = (1u64 << 30) as f64;
+/// `bytes` in GiB, for messages.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
 
 /// The memory of one GPU of a product, as the nodes' `nvidia.com/gpu.product` label
 /// names it: the known products' (what the driver reports as total), else the

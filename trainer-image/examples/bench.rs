@@ -663,12 +663,11 @@ fn bench_full(root: &Path, args: &Args) {
             runtime_bytes: memory::GPU_RUNTIME_BYTES,
         }
         .plan();
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-        report[format!("plan_{name}_16x8_peak_gib_per_gpu")] = gib(plan.peak_bytes).into();
+        report[format!("plan_{name}_16x8_peak_gib_per_gpu")] = memory::gib(plan.peak_bytes).into();
         let line = format!(
             "plan, Llama 3.1 {} on 16×8 H100 ({:.1} GiB each): {}",
             name.to_uppercase(),
-            gib(h100),
+            memory::gib(h100),
             plan.summary()
         );
         eprintln!("{line}");

@@ -2,7 +2,7 @@
 //! `config.json` and the run's settings before any weight is loaded, logged, served in
 //! progress, and checked against the GPU's memory.
 
-use kubetune_crds::memory::{GPU_RUNTIME_BYTES, MemoryPlan, ModelShape, PlanInput, Processor};
+use kubetune_crds::memory::{GPU_RUNTIME_BYTES, MemoryPlan, ModelShape, PlanInput, Processor, gib};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -74,7 +74,6 @@ pub fn fit(input: PlanInput, capacity: Option<u64>) -> Result<(PlanInput, Memory
     if let Some(capacity) = capacity
         && plan.peak_bytes > capacity
     {
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         let advice = if input.method == kubetune_crds::Method::Full {
             "use more GPUs (resources.nodes), a smaller batchSize or maxSeqLength"
         } else {
@@ -90,13 +89,16 @@ pub fn fit(input: PlanInput, capacity: Option<u64>) -> Result<(PlanInput, Memory
     Ok((fitted, plan))
 }
 
-/// This process's resident memory now, from `/proc/self/statm` (0 where there is
-/// none).
+/// This process's resident memory now, from `VmRSS` in `/proc/self/status` (in kB,
+/// whatever the page size; 0 where there is none).
 pub fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
+    std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 #[cfg(test)]

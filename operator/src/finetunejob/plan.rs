@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kubetune_crds::Money;
 use kubetune_crds::finetunejob::{
-    Attempt, Children, Cost, FineTuneJob, FineTuneJobStatus, MemoryPlanStatus, Phase,
+    Attempt, Children, Cost, FineTuneJob, FineTuneJobStatus, MemoryPlanStatus, Phase, PlanSource,
 };
 use kubetune_crds::memory;
 use kubetune_crds::training::contract::ProgressReport;
@@ -303,18 +303,14 @@ fn plan_memory(p: &mut Planner<'_>) {
         .status
         .memory_plan
         .as_ref()
-        .is_some_and(|m| m.source == "trainer");
+        .is_some_and(|m| m.source == PlanSource::Trainer);
     let Some(shape) = spec.model_shape().filter(|_| !from_trainer) else {
         return;
     };
-    let capacity = spec
-        .resources
-        .gpu
-        .as_ref()
-        .and_then(|gpu| memory::gpu_memory_bytes(&gpu.product));
+    let capacity = spec.resources.gpu_memory_bytes();
     let plan = spec.plan_input(shape).fitted(capacity).plan();
     p.status.memory_plan = Some(MemoryPlanStatus {
-        source: "spec".into(),
+        source: PlanSource::Spec,
         gpu_memory_bytes: capacity,
         plan,
     });
@@ -322,12 +318,11 @@ fn plan_memory(p: &mut Planner<'_>) {
         return;
     };
     let fits = plan.peak_bytes <= capacity;
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let message = format!(
         "{}; {} has {:.1} GiB{}",
         plan.summary(),
         gpu.product,
-        gib(capacity),
+        memory::gib(capacity),
         if fits {
             ""
         } else {
@@ -865,16 +860,9 @@ fn progress_and_stall(
 ) {
     let progress = progress::to_status(report, p.status.progress.as_ref(), p.now);
     if let Some(plan) = report.memory_plan {
-        let gpu_memory_bytes = p
-            .ftj
-            .spec
-            .resources
-            .gpu
-            .as_ref()
-            .and_then(|gpu| memory::gpu_memory_bytes(&gpu.product));
         p.status.memory_plan = Some(MemoryPlanStatus {
-            source: "trainer".into(),
-            gpu_memory_bytes,
+            source: PlanSource::Trainer,
+            gpu_memory_bytes: p.ftj.spec.resources.gpu_memory_bytes(),
             plan,
         });
     }
@@ -988,7 +976,7 @@ mod tests {
             let ftj = finetunejob_from_example(example);
             let plan = plan(&ftj, &Observed::default(), at(0));
             let memory = plan.status.memory_plan.as_ref().expect("a known model");
-            assert_eq!(memory.source, "spec");
+            assert_eq!(memory.source, PlanSource::Spec);
             let fits = conditions::get(&plan.status.conditions, "FitsGpuMemory").expect("set");
             assert_eq!(fits.status, "True", "{example}: {}", fits.message);
             assert!(
@@ -1049,7 +1037,7 @@ mod tests {
         };
         let running = plan(&ftj, &running_with(Some(report)), at(10));
         let memory = running.status.memory_plan.clone().expect("planned");
-        assert_eq!((memory.source.as_str(), memory.plan), ("trainer", trainer));
+        assert_eq!((memory.source, memory.plan), (PlanSource::Trainer, trainer));
         // Later reconciles keep it.
         let later = plan(&with_status(ftj, &running), &running_with(None), at(20));
         assert_eq!(later.status.memory_plan, running.status.memory_plan);

@@ -344,12 +344,7 @@ fn pod_spec(
         env_var(contract::ENV_TERMINATION_LOG, "/dev/termination-log".into()),
     ]);
     // The trainer checks its memory plan against the product's memory.
-    if let Some(bytes) = spec
-        .resources
-        .gpu
-        .as_ref()
-        .and_then(|gpu| kubetune_crds::memory::gpu_memory_bytes(&gpu.product))
-    {
+    if let Some(bytes) = spec.resources.gpu_memory_bytes() {
         env.push(env_var(contract::ENV_GPU_MEMORY_BYTES, bytes.to_string()));
     }
 
