@@ -4,9 +4,11 @@
 #   etcd/  -> etcd
 #   kwok/  -> kwok
 #   helm/  -> helm
+#   coredns/ -> coredns (the real node's cluster DNS)
 #
 # Binaries go to ${KUBETUNE_CACHE:-$HOME/.cache/kubetune}/bin/<hash>/, where <hash>
-# covers every go.mod and go.sum here, this script and the Go toolchain version.
+# covers every go.mod and go.sum here, coredns/main.go, this script and the Go
+# toolchain version.
 # A directory with a complete .done marker is reused without building anything.
 # The bin directory's path is the LAST line of stdout; everything else goes to stderr.
 #
@@ -39,8 +41,8 @@ export GOWORK=off
 export GOCACHE="$cache_root/go-build"
 unset GOOS GOARCH
 
-modules=(kube etcd kwok helm)
-expected=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd kwok helm)
+modules=(kube etcd kwok helm coredns)
+expected=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl etcd kwok helm coredns)
 
 go_version="$("$go_cmd" env GOVERSION) $("$go_cmd" env GOOS)/$("$go_cmd" env GOARCH)"
 hash="$(
@@ -52,6 +54,8 @@ hash="$(
         cat "$here/$m/$f"
       done
     done
+    echo "== coredns/main.go"
+    cat "$here/coredns/main.go"
     echo "== build.sh"
     cat "$here/build.sh"
   } | sha256sum | cut -c1-16
@@ -92,6 +96,7 @@ modver() { (cd "$here/$1" && "$go_cmd" list -m -f '{{.Version}}' "$2"); }
 kube_version="$(modver kube k8s.io/kubernetes)"   # v1.34.N
 helm_version="$(modver helm helm.sh/helm/v3)"     # v3.x.y
 kwok_version="$(modver kwok sigs.k8s.io/kwok)"    # v0.x.y
+coredns_version="$(modver coredns github.com/coredns/coredns)"  # v1.x.y
 kube_major="$(echo "${kube_version#v}" | cut -d. -f1)"
 kube_minor="$(echo "${kube_version#v}" | cut -d. -f2)"
 build_date="$(date -u ${SOURCE_DATE_EPOCH:+-d @$SOURCE_DATE_EPOCH} +%Y-%m-%dT%H:%M:%SZ)"
@@ -119,6 +124,10 @@ build helm -ldflags "-s -w \
   -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$kube_minor" \
   -o "$tmp/helm" helm.sh/helm/v3/cmd/helm
 
+# CoreDNS with the plugins its main.go imports (the directive list is in main.go).
+build coredns -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$coredns_version" \
+  -o "$tmp/coredns" .
+
 kube_ldflags="-s -w"
 for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   kube_ldflags+=" -X $p.gitVersion=$kube_version -X $p.gitMajor=$kube_major -X $p.gitMinor=$kube_minor"
@@ -142,6 +151,7 @@ done
   echo "helm: $helm_version"
   echo "kwok: $kwok_version"
   echo "etcd: $(modver etcd go.etcd.io/etcd/server/v3)"
+  echo "coredns: $coredns_version"
   echo "built: $build_date in $((SECONDS - start))s"
 } >"$tmp/.done.tmp"
 mv "$tmp/.done.tmp" "$tmp/.done"

@@ -1,10 +1,12 @@
 //! A multi-rank full fine-tune as real pods: the chart's operator on the real node runs
-//! FineTuneJobs of method full with two ranks in the trainer pod (`ranksPerNode: 2`,
-//! CPU), fully sharded across them over Gloo; rank 0 writes a Hugging Face checkpoint
-//! and the job ends Succeeded with its evaluation, artifact and cost. A second job has
-//! its trainer pod deleted mid-run: both ranks stop, the attempt fails, attempt 2
-//! resumes from the checkpoint, and the weights it ends with are the uninterrupted
-//! job's.
+//! FineTuneJobs of method full as a gang of two pods with two ranks each (`nodes: 2`,
+//! `ranksPerNode: 2`, `onePodPerNode: false`, CPU): four ranks, fully sharded over
+//! Gloo, that find rank 0 through the cluster's DNS (the headless Service's name, as
+//! on any cluster); rank 0 writes a Hugging Face checkpoint and the job ends Succeeded
+//! with its evaluation, artifact and cost (both pods' running time). A second job has
+//! one of its two pods deleted mid-run: the whole gang stops, the attempt fails,
+//! attempt 2 resumes from the checkpoint, and the weights it ends with are the
+//! uninterrupted job's.
 //!
 //! Needs the real node and the dev images, as `real_node.rs` does.
 
@@ -28,6 +30,8 @@ const REQUIRE_REAL_NODE: &str = "KUBETUNE_REQUIRE_REAL_NODE";
 /// Steps of each job, and how often it checkpoints.
 const STEPS: u64 = 300;
 const CHECKPOINT_EVERY: u64 = 25;
+/// Pods of each job's gang.
+const PODS: usize = 2;
 
 fn skip(test: &str, why: &str) -> Result<()> {
     if std::env::var(REQUIRE_REAL_NODE).is_ok_and(|value| value == "1") {
@@ -38,6 +42,9 @@ fn skip(test: &str, why: &str) -> Result<()> {
 }
 
 fn full_job(name: &str, output: &str) -> Result<FineTuneJob> {
+    // The real node is the only node these pods may use: the gang shares it.
+    let mut placement = flow::placement();
+    placement["onePodPerNode"] = json!(false);
     Ok(serde_json::from_value(json!({
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
@@ -56,11 +63,12 @@ fn full_job(name: &str, output: &str) -> Result<FineTuneJob> {
                 "maxSeqLength": 64, "warmupSteps": 2,
             },
             "checkpoint": { "everySteps": CHECKPOINT_EVERY, "keep": 2 },
-            // Two ranks in one pod on CPU: the gang's world is 2.
-            "resources": { "cpu": "1", "memory": "2Gi", "nodes": 1, "ranksPerNode": 2 },
+            // Two pods of two ranks each on CPU: the gang's world is 4. Half a core a
+            // pod: both fit the 2-core real node beside the operator.
+            "resources": { "cpu": "500m", "memory": "2Gi", "nodes": PODS, "ranksPerNode": 2 },
             "maxRestarts": 2,
             "output": { "volume": { "claimName": "adapters", "path": output } },
-            "scheduling": flow::placement(),
+            "scheduling": placement,
         },
     }))?)
 }
@@ -85,6 +93,48 @@ fn newest_checkpoint(dir: &Path) -> Option<u64> {
                 .ok()
         })
         .max()
+}
+
+/// Seconds each pod of `job`'s gang ran its trainer container, and the seconds they
+/// lived (created to finished) summed.
+async fn pod_seconds(cluster: &Cluster, ns: &str, job: &str) -> Result<(Vec<u64>, u64)> {
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    let list = pods
+        .list(&ListParams::default().labels(&format!("kubetune.io/finetunejob={job}")))
+        .await?;
+    let mut ran = Vec::new();
+    let mut lived = 0;
+    for pod in &list.items {
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        let terminated = pod
+            .status
+            .as_ref()
+            .and_then(|status| status.container_statuses.as_ref())
+            .and_then(|statuses| statuses.first())
+            .and_then(|status| status.state.as_ref())
+            .and_then(|state| state.terminated.as_ref())
+            .with_context(|| format!("pod {name} has a terminated trainer container"))?;
+        let finished = terminated
+            .finished_at
+            .as_ref()
+            .with_context(|| format!("pod {name} has a finish time"))?
+            .0;
+        let started = terminated
+            .started_at
+            .as_ref()
+            .with_context(|| format!("pod {name} has a start time"))?
+            .0;
+        let created = pod
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .with_context(|| format!("pod {name} has a creation time"))?
+            .0;
+        let seconds = |since: i64| u64::try_from(finished.as_second() - since).unwrap_or(0);
+        ran.push(seconds(started.as_second()));
+        lived += seconds(created.as_second());
+    }
+    Ok((ran, lived))
 }
 
 async fn run(cluster: &Cluster, ns: &str, volumes: &Volumes) -> Result<()> {
@@ -121,31 +171,53 @@ async fn run(cluster: &Cluster, ns: &str, volumes: &Volumes) -> Result<()> {
         cost.attempts.len() == 1 && cost.rates.keys().any(|key| key.starts_with("cpu/")),
         "one attempt priced per core: {cost:?}"
     );
+    // Both pods' running time, each a started core: between what their containers ran
+    // and what the pods lived, summed.
+    let (ran, lived) = pod_seconds(cluster, ns, "full-a").await?;
+    let billed = cost.attempts[0].gpu_seconds;
+    ensure!(
+        ran.len() == PODS && billed + PODS as u64 >= ran.iter().sum::<u64>(),
+        "cost counts every pod of the gang: billed {billed} core-seconds, pods ran {ran:?} s"
+    );
+    ensure!(
+        billed <= lived + PODS as u64,
+        "cost counts no more than the pods lived: billed {billed}, lived {lived} s"
+    );
 
-    // Its pod deleted once a checkpoint past the first is written.
+    // One of its two pods (not rank 0's) deleted once a checkpoint is written: the
+    // other pod's ranks must be torn down with it, and the gang restarted.
     jobs.create(&PostParams::default(), &full_job("full-b", "full/b")?)
         .await
         .context("failed to create FineTuneJob full-b")?;
     let checkpoints = volumes.adapters.join("full/b/checkpoints");
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
     let mut killed_after = None;
+    let mut killed_at: Option<std::time::Instant> = None;
+    let mut restarted_after = None;
     let b = flow::watch_job(&jobs, "full-b", timeout, |job| {
         let attempt = job.status.as_ref().map_or(0, |s| s.attempts.len());
+        if let (Some(at), None, 2) = (killed_at, restarted_after, attempt) {
+            restarted_after = Some(at.elapsed());
+        }
         let due = killed_after.is_none()
             && attempt <= 1
             && newest_checkpoint(&checkpoints).is_some_and(|step| step >= CHECKPOINT_EVERY);
         let pods = pods.clone();
         if due {
             killed_after = newest_checkpoint(&checkpoints);
+            killed_at = Some(std::time::Instant::now());
         }
         async move {
             if due {
                 let list = pods
-                    .list(&ListParams::default().labels("kubetune.io/finetunejob=full-b"))
+                    .list(&ListParams::default().labels(
+                        "kubetune.io/finetunejob=full-b,batch.kubernetes.io/job-completion-index=1",
+                    ))
                     .await?;
+                ensure!(list.items.len() == 1, "full-b has one pod of index 1");
                 for pod in list.items {
                     let name = pod.metadata.name.unwrap_or_default();
-                    eprintln!("deleting trainer pod {name} mid-run");
+                    eprintln!("deleting trainer pod {name} (ranks 2 and 3) mid-run");
                     pods.delete(&name, &DeleteParams::default()).await?;
                 }
             }
@@ -153,7 +225,9 @@ async fn run(cluster: &Cluster, ns: &str, volumes: &Volumes) -> Result<()> {
         }
     })
     .await?;
-    let killed_after = killed_after.context("the pod of full-b was deleted mid-run")?;
+    let killed_after = killed_after.context("a pod of full-b was deleted mid-run")?;
+    let restarted_after =
+        restarted_after.context("attempt 2 of full-b was seen after the deletion")?;
     let status = b.status.clone().context("full-b has a status")?;
     ensure!(
         status.attempts.len() == 2,
@@ -170,7 +244,8 @@ async fn run(cluster: &Cluster, ns: &str, volumes: &Volumes) -> Result<()> {
         diff = diff.max(max_abs_diff(t, other));
     }
     eprintln!(
-        "real node, 2 ranks in a pod: eval loss {base} -> {tuned}; full-b deleted after checkpoint {killed_after}, resumed; max |Δweight| vs full-a = {diff:e}"
+        "real node, {PODS} pods × 2 ranks: eval loss {base} -> {tuned}; full-b's second pod deleted after checkpoint {killed_after}, attempt 2 after {:.1}s, resumed; max |Δweight| vs full-a = {diff:e}",
+        restarted_after.as_secs_f64()
     );
     ensure!(
         diff < 1e-5,

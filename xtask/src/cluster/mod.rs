@@ -5,13 +5,15 @@
 //! generates a PKI, starts etcd, kube-apiserver, kube-controller-manager,
 //! kube-scheduler and kwok as detached processes, creates the GPU nodes kwok
 //! simulates and applies the CRDs. As root it also adds one real node, a kubelet with
-//! containerd on this machine, where pods really run (`realnode`). Everything (certificates, kubeconfigs, etcd's
+//! containerd on this machine, where pods really run (`realnode`), and the cluster's
+//! DNS, CoreDNS, which those pods resolve Services with (`dns`). Everything (certificates, kubeconfigs, etcd's
 //! data, logs, recorded PIDs) lives in one state directory outside the clone:
 //! `$KUBETUNE_CLUSTER_DIR`, else `${KUBETUNE_CACHE:-~/.cache/kubetune}/cluster`.
 //! Every component listens on 127.0.0.1 only, but for the API server and the kubelet
 //! when there is a real node: its pods reach them at the machine's own address.
 
 pub(crate) mod components;
+mod dns;
 pub(crate) mod nodes;
 mod pki;
 pub(crate) mod realnode;
@@ -546,6 +548,11 @@ fn write_kubeconfigs(layout: &Layout, pki: &Pki, port: u16) -> Result<()> {
             "kwok-controller",
             &pki.kwok,
         ),
+        (
+            layout.component_kubeconfig(dns::NAME),
+            dns::USER,
+            &pki.coredns,
+        ),
     ];
     for (path, user, pair) in users {
         let text = kubeconfig(port, &pki.ca.cert, user, &pair.cert, &pair.key)?;
@@ -806,7 +813,7 @@ fn start_all(
     Ok(())
 }
 
-/// containerd (with the pause image), the kubelet and kube-proxy.
+/// CoreDNS, containerd (with the pause image), the kubelet and kube-proxy.
 fn start_real_node(
     layout: &Layout,
     pki: &Pki,
@@ -822,6 +829,23 @@ fn start_real_node(
         kubelet_kubeconfig: layout.component_kubeconfig("kubelet"),
         proxy_kubeconfig: layout.component_kubeconfig("kube-proxy"),
     };
+    let node_ip = state
+        .real_node
+        .as_ref()
+        .context("the real node was prepared")?
+        .ip;
+    let dns_ready_port = components::free_port()?;
+    dns::create_objects(kubectl, node_ip)?;
+    let coredns = dns::component(layout, &bin, node_ip, dns_ready_port)?;
+    start(
+        layout,
+        state,
+        running,
+        &coredns,
+        Some(dns_ready_port),
+        || dns::ready(dns_ready_port),
+    )?;
+
     let containerd = node_start.containerd()?;
     start(layout, state, running, &containerd, None, || {
         node_start.containerd_ready()

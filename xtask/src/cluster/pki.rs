@@ -60,6 +60,8 @@ pub struct Pki {
     /// The real node's kubelet (`system:node:<name>`) and kube-proxy.
     pub kubelet: KeyPair,
     pub kube_proxy: KeyPair,
+    /// CoreDNS, the cluster's DNS, reading Services and EndpointSlices.
+    pub coredns: KeyPair,
     pub service_account_key: PathBuf,
     pub service_account_pub: PathBuf,
 }
@@ -89,6 +91,7 @@ impl Pki {
             kwok: pair("kwok"),
             kubelet: pair("kubelet"),
             kube_proxy: pair("kube-proxy"),
+            coredns: pair("coredns"),
             service_account_key: dir.join("service-account.key"),
             service_account_pub: dir.join("service-account.pub"),
         }
@@ -203,6 +206,17 @@ pub fn generate(dir: &Path, node_ip: Option<Ipv4Addr>) -> Result<Pki> {
             Leaf {
                 name: "kube-proxy's client certificate",
                 subject: "/CN=system:kube-proxy",
+                usage: "clientAuth",
+                sans: None,
+            },
+        ),
+        (
+            // Bound by `cluster up` to a role that lists and watches what the
+            // `kubernetes` plugin reads.
+            &pki.coredns,
+            Leaf {
+                name: "CoreDNS's client certificate",
+                subject: "/CN=system:coredns",
                 usage: "clientAuth",
                 sans: None,
             },

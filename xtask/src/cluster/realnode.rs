@@ -386,7 +386,8 @@ fn kubelet_config(node: &Node, ca: &Path, socket: &Path) -> String {
         },
         "registerWithTaints": [{ "key": TAINT, "value": "true", "effect": "NoSchedule" }],
         "maxPods": 32,
-        "clusterDomain": "cluster.local",
+        "clusterDomain": super::dns::DOMAIN,
+        "clusterDNS": [super::dns::SERVICE_IP],
         "resolvConf": "/etc/resolv.conf",
         "rotateCertificates": false,
         "protectKernelDefaults": false
@@ -844,6 +845,7 @@ mod tests {
         assert_eq!(config["cgroupDriver"], "cgroupfs");
         assert_eq!(config["address"], "192.0.2.2");
         assert_eq!(config["registerWithTaints"][0]["key"], TAINT);
+        assert_eq!(config["clusterDNS"][0], super::super::dns::SERVICE_IP);
         assert_eq!(
             config["containerRuntimeEndpoint"],
             "unix:///s/node/containerd/containerd.sock"
