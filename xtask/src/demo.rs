@@ -7,6 +7,9 @@
 //! runs the e2e crate's `demo` example: the chart installed, a LoRA FineTuneJob with
 //! live progress, an AdapterDeployment over two `kubetune-serve` replicas, and the
 //! base model's and the adapter's answers to the same question. The cluster stays up.
+//!
+//! `--full` runs the `demo_full` example instead: a full fine-tune of the same model as
+//! a gang of two pods, one rank each, with both ranks' progress.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,7 +25,16 @@ const CHECKPOINT: &str = "models/smollm2-135m-instruct";
 /// The GGUF file from the package, where the trainer's ignored SmolLM2 test looks.
 const GGUF: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
-pub fn run(root: &Path) -> Result<()> {
+/// Which job the demo runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A LoRA adapter, served by an AdapterDeployment.
+    Lora,
+    /// A full fine-tune by a two-pod gang.
+    Full,
+}
+
+pub fn run(root: &Path, kind: Kind) -> Result<()> {
     cluster::up_for_demo(root)?;
     let archives = images::build(root)?;
     cluster::import_into_real_node(&archives)?;
@@ -36,13 +48,20 @@ pub fn run(root: &Path) -> Result<()> {
             "-p",
             "kubetune-e2e",
             "--example",
-            "demo",
+            match kind {
+                Kind::Lora => "demo",
+                Kind::Full => "demo_full",
+            },
             "--",
         ])
         .arg("--model")
         .arg(&model)
         .args(["--image-tag", tag]);
-    crate::step("kubetune's job on the real node", &mut example)
+    let what = match kind {
+        Kind::Lora => "kubetune's job on the real node",
+        Kind::Full => "a two-rank full fine-tune on the real node",
+    };
+    crate::step(what, &mut example)
 }
 
 /// The imported SmolLM2 checkpoint, fetched and imported once.

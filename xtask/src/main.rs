@@ -54,7 +54,10 @@ commands:
   demo             kubetune's whole job on the local cluster's real node: SmolLM2
                    imported from GGUF, a LoRA FineTuneJob with live progress, an
                    AdapterDeployment over two kubetune-serve replicas, and the base
-                   model's and the adapter's answers (needs root; leaves the cluster up)";
+                   model's and the adapter's answers (needs root; leaves the cluster up)
+  demo --full      instead, a full fine-tune of SmolLM2 as a gang of two pods, one
+                   rank each, on the real node: both ranks' progress, the job's
+                   evaluation, cost and checkpoint (replaces the LoRA demo's state)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -103,7 +106,8 @@ fn run(args: &[String]) -> Result<()> {
             "no such benchmark; available: `cargo xtask bench trainer`, \
              `cargo xtask bench operator`, `cargo xtask bench rollout`"
         ),
-        ["demo"] => demo::run(&root()),
+        ["demo"] => demo::run(&root(), demo::Kind::Lora),
+        ["demo", "--full"] => demo::run(&root(), demo::Kind::Full),
         ["help" | "--help" | "-h"] | [] => {
             println!("{USAGE}");
             Ok(())
