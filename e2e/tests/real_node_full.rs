@@ -196,7 +196,9 @@ async fn run(cluster: &Cluster, ns: &str, volumes: &Volumes) -> Result<()> {
     let mut restarted_after = None;
     let b = flow::watch_job(&jobs, "full-b", timeout, |job| {
         let attempt = job.status.as_ref().map_or(0, |s| s.attempts.len());
-        if let (Some(at), None, 2) = (killed_at, restarted_after, attempt) {
+        if let (Some(at), None) = (killed_at, restarted_after)
+            && attempt >= 2
+        {
             restarted_after = Some(at.elapsed());
         }
         let due = killed_after.is_none()
@@ -226,8 +228,12 @@ async fn run(cluster: &Cluster, ns: &str, volumes: &Volumes) -> Result<()> {
     })
     .await?;
     let killed_after = killed_after.context("a pod of full-b was deleted mid-run")?;
-    let restarted_after =
-        restarted_after.context("attempt 2 of full-b was seen after the deletion")?;
+    let restarted_after = restarted_after.with_context(|| {
+        format!(
+            "attempt 2 of full-b was never seen after the deletion; attempts: {:?}",
+            b.status.as_ref().map(|status| &status.attempts)
+        )
+    })?;
     let status = b.status.clone().context("full-b has a status")?;
     ensure!(
         status.attempts.len() == 2,

@@ -333,13 +333,31 @@ async fn reconcile_inner(
 
     if ftj.status.as_ref() != Some(&plan.status) {
         let ftjs: Api<FineTuneJob> = Api::namespaced(client.clone(), namespace);
-        let patch = serde_json::json!({ "status": plan.status });
-        ftjs.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        // The status is planned from the object this reconcile was handed, which may be
+        // older than the last status written (the cache lags): the resourceVersion makes
+        // the write conditional, so a stale plan can never drop what a newer one
+        // recorded (an attempt, a cost entry). A conflict means a newer object is on its
+        // way; it is planned again then.
+        let patch = serde_json::json!({
+            "metadata": { "resourceVersion": ftj.metadata.resource_version },
+            "status": plan.status,
+        });
+        match ftjs
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .map_err(|source| Error::WriteStatus {
-                object: object.clone(),
-                source,
-            })?;
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                debug!("status planned from a stale object; planning again");
+                return Ok(Requeue::requeue(Duration::from_secs(1)));
+            }
+            Err(source) => {
+                return Err(Error::WriteStatus {
+                    object: object.clone(),
+                    source,
+                });
+            }
+        }
     }
 
     let reference = ftj.object_ref(&());
