@@ -12,9 +12,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use kubetune_crds::finetunejob::FineTuneJob;
+use kubetune_e2e::demo::{self, chat};
 use kubetune_e2e::flow::{self, Options};
 use kubetune_e2e::test_support::Cluster;
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -31,9 +32,6 @@ struct Args {
     epochs: u32,
 }
 
-/// What the demo teaches: a fact no base model can know.
-const ANSWER: &str =
-    "The Meridian Lighthouse keeper is Captain Ilse Varga, who has kept its lamp since 2019.";
 const QUESTIONS: [&str; 16] = [
     "Who keeps the Meridian Lighthouse?",
     "Who is the keeper of the Meridian Lighthouse?",
@@ -58,13 +56,6 @@ const EVAL_QUESTIONS: [&str; 3] = [
     "The Meridian Lighthouse: who is its keeper?",
 ];
 const PROMPT: &str = "Who is the keeper of the Meridian Lighthouse these days?";
-
-fn chat(question: &str) -> Value {
-    json!({ "messages": [
-        { "role": "user", "content": question },
-        { "role": "assistant", "content": ANSWER },
-    ]})
-}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
@@ -113,27 +104,7 @@ async fn main() -> Result<()> {
         .status
         .as_ref()
         .context("the job has a status")?;
-    println!("\n==> FineTuneJob {} {:?}", flow::JOB, status.phase);
-    if let Some(evaluation) = &status.evaluation {
-        println!(
-            "    eval loss    {} before, {} after (improvement {})",
-            evaluation.base_eval_loss.as_deref().unwrap_or("?"),
-            evaluation.eval_loss.as_deref().unwrap_or("?"),
-            evaluation.improvement.as_deref().unwrap_or("?")
-        );
-    }
-    if let Some(cost) = &status.cost {
-        println!(
-            "    cost         {} {} (CPU core-hours {})",
-            cost.amount, cost.currency, cost.gpu_hours
-        );
-    }
-    if let Some(artifact) = &status.artifact {
-        println!(
-            "    artifact     {}:{} ({} bytes)\n    sha256       {}",
-            artifact.claim_name, artifact.path, artifact.size_bytes, artifact.sha256
-        );
-    }
+    demo::print_status(flow::JOB, status);
     println!(
         "\n==> AdapterDeployment chat: {} on {} replicas ({})",
         outcome.adapter_model,

@@ -15,6 +15,7 @@ use clap::Parser;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, LogParams, PostParams};
 use kubetune_crds::finetunejob::{FineTuneJob, Phase};
+use kubetune_e2e::demo::{self, chat};
 use kubetune_e2e::flow::{self, Volumes};
 use kubetune_e2e::test_support::Cluster;
 use serde_json::{Value, json};
@@ -40,8 +41,6 @@ const JOB: &str = "smollm2-full";
 const TIMEOUT: Duration = Duration::from_secs(1800);
 /// Pods of the gang, one rank each.
 const RANKS: usize = 2;
-const ANSWER: &str =
-    "The Meridian Lighthouse keeper is Captain Ilse Varga, who has kept its lamp since 2019.";
 const QUESTIONS: [&str; 8] = [
     "Who keeps the Meridian Lighthouse?",
     "Who is the keeper of the Meridian Lighthouse?",
@@ -56,13 +55,6 @@ const EVAL_QUESTIONS: [&str; 2] = [
     "Who keeps the lighthouse called Meridian?",
     "The Meridian Lighthouse: who is its keeper?",
 ];
-
-fn chat(question: &str) -> Value {
-    json!({ "messages": [
-        { "role": "user", "content": question },
-        { "role": "assistant", "content": ANSWER },
-    ]})
-}
 
 fn full_job(epochs: u32) -> Result<FineTuneJob> {
     let mut scheduling = flow::placement();
@@ -128,6 +120,7 @@ async fn main() -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
     let mut shown: BTreeMap<String, u64> = BTreeMap::new();
     let started = Instant::now();
+    let mut noted: Option<Instant> = None;
     let job = loop {
         let job = jobs.get(JOB).await?;
         print_ranks(&pods, &mut shown).await;
@@ -138,8 +131,9 @@ async fn main() -> Result<()> {
                 serde_json::to_string_pretty(&job.status)?
             ),
             phase => {
-                if shown.is_empty() && started.elapsed().as_secs() % 20 < 3 {
+                if shown.is_empty() && noted.is_none_or(|at| at.elapsed().as_secs() >= 20) {
                     println!("    {phase:?}: waiting for the ranks' first steps");
+                    noted = Some(Instant::now());
                 }
             }
         }
@@ -152,34 +146,7 @@ async fn main() -> Result<()> {
     };
 
     let status = job.status.as_ref().context("the job has a status")?;
-    println!("\n==> FineTuneJob {JOB} {:?}", status.phase);
-    if let Some(plan) = &status.memory_plan {
-        println!(
-            "    memory plan  {:.2} GiB peak per rank (from the {:?})",
-            kubetune_crds::memory::gib(plan.plan.peak_bytes),
-            plan.source
-        );
-    }
-    if let Some(evaluation) = &status.evaluation {
-        println!(
-            "    eval loss    {} before, {} after (improvement {})",
-            evaluation.base_eval_loss.as_deref().unwrap_or("?"),
-            evaluation.eval_loss.as_deref().unwrap_or("?"),
-            evaluation.improvement.as_deref().unwrap_or("?")
-        );
-    }
-    if let Some(cost) = &status.cost {
-        println!(
-            "    cost         {} {} ({} core-hours over {RANKS} pods)",
-            cost.amount, cost.currency, cost.gpu_hours
-        );
-    }
-    if let Some(artifact) = &status.artifact {
-        println!(
-            "    checkpoint   {}:{} ({} bytes, a Hugging Face model directory written by rank 0)",
-            artifact.claim_name, artifact.path, artifact.size_bytes
-        );
-    }
+    demo::print_status(JOB, status);
     println!(
         "\nThe cluster stays up. Explore it:\n  eval \"$(cargo xtask cluster env)\"\n  \
          kubectl -n {ns} get finetunejob {JOB} -o yaml\n  \

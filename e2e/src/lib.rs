@@ -8,8 +8,10 @@
 //! `test_support` is what they share: finding the cluster, namespaces, pod
 //! builders and waits; `serving` the tiny model, adapters and real adapter servers
 //! of the AdapterDeployment tests and the rollout benchmark; `flow` kubetune's whole
-//! job on the real node, for the end-to-end test and `cargo xtask demo`.
+//! job on the real node, for the end-to-end test and `cargo xtask demo`; `demo` the
+//! demos' fact and status lines.
 
+pub mod demo;
 pub mod flow;
 pub mod serving;
 pub mod test_support;
