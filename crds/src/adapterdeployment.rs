@@ -7,13 +7,14 @@
 // repetition as a duplicated attribute.
 #![allow(clippy::duplicated_attributes)]
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::decimal::Decimal;
-use crate::finetunejob::{DNS_LABEL_PATTERN, RELATIVE_PATH_PATTERN};
+use crate::kubernetes::LabelSelector;
+use crate::rules;
 
 /// An adapter name as the serving API sees it: lowercase letters, digits, '-', '_' and
 /// '.', starting and ending with a letter or digit.
@@ -113,15 +114,18 @@ pub enum ServerApi {
 }
 
 /// The volume holding adapter artifacts as the serving pods mount it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ArtifactMount {
     /// The PersistentVolumeClaim the FineTuneJobs write their output to.
-    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = rules::format("artifacts.claimName", "dns1123Subdomain", "a PersistentVolumeClaim name: lowercase letters, digits, \"-\" and \".\""))]
     pub claim_name: String,
 
-    /// Where that volume is mounted inside the serving pods, such as "/adapters".
-    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^/[-A-Za-z0-9_./]*$"))]
+    /// Where that volume is mounted inside the serving pods, such as "/adapters": an
+    /// absolute path without "." or ".." segments.
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = rules::absolute_path("artifacts.mountPath"))]
     pub mount_path: String,
 }
 
@@ -146,20 +150,22 @@ pub struct Adapter {
 }
 
 /// A FineTuneJob by name.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobRef {
     /// The FineTuneJob's name.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = rules::object_name("fromJob.name"))]
     pub name: String,
 }
 
 /// An adapter directory (adapter_config.json, adapter_model.safetensors).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExplicitArtifact {
     /// The directory, relative to the artifact volume's root.
-    #[schemars(length(min = 1, max = 1024), regex(pattern = RELATIVE_PATH_PATTERN))]
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = rules::relative_path("artifact.path", "imported/legal-v3"))]
     pub path: String,
 
     /// SHA-256 of adapter_model.safetensors; it names the version. Optional: without it
@@ -246,7 +252,7 @@ fn default_hold_seconds() -> u32 {
 pub struct Gate {
     /// Least relative eval-loss improvement of the source FineTuneJob,
     /// (base − tuned) / base, as a decimal string such as "0.05". Below 1.
-    #[x_kube(validation = Rule::new("double(self) < 1.0").message("gate.minEvalLossImprovement must be below 1"))]
+    #[x_kube(validation = crate::rules::decimal_range("rollout.gate.minEvalLossImprovement", "double(self) < 1.0", "below 1"))]
     pub min_eval_loss_improvement: Decimal,
 }
 

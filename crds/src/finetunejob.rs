@@ -8,26 +8,18 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Toleration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::decimal::{Decimal, Money};
+use crate::kubernetes::Toleration;
+use crate::rules;
 use crate::training::{
     CheckpointSpec, DatasetFormat, DpoSpec, Hyperparameters, LoraSpec, Method, QloraSpec,
 };
 
-/// A label value such as a GPU product name: `NVIDIA-A100-SXM4-80GB`.
-pub const LABEL_VALUE_PATTERN: &str = r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
-/// A DNS-1123 label: the shape of a Kubernetes object name such as a PVC's.
-pub const DNS_LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
-/// A relative path inside a volume: no leading '/', no '..' segment.
-pub const RELATIVE_PATH_PATTERN: &str = concat!(
-    r"^(?:[-A-Za-z0-9_][-A-Za-z0-9_.]*|\.[-A-Za-z0-9_][-A-Za-z0-9_.]*|\.\.[-A-Za-z0-9_.]+)",
-    r"(?:/(?:[-A-Za-z0-9_][-A-Za-z0-9_.]*|\.[-A-Za-z0-9_][-A-Za-z0-9_.]*|\.\.[-A-Za-z0-9_.]+))*/?$"
-);
 
 /// Fine-tune a base model on a dataset with LoRA, QLoRA, full fine-tuning or DPO.
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -58,19 +50,23 @@ pub const RELATIVE_PATH_PATTERN: &str = concat!(
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
     ),
-    doc = "Fine-tune a base model on a dataset with LoRA, QLoRA, full fine-tuning or DPO."
+    doc = "Fine-tune a base model on a dataset with LoRA, QLoRA, full fine-tuning or DPO.",
+    validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name must be at most 63 characters: it names the trainer pods, their Service and their labels"),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be lowercase letters, digits and dashes, starting with a letter (a DNS-1035 label): it names the trainer pods and their Service")
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.method == 'full' || self.resources.nodes == 1").message("methods lora, qlora and dpo run on one node: set resources.nodes to 1, or use method full"))]
-#[x_kube(validation = Rule::new("self.method == 'full' || !has(self.resources.ranksPerNode) || self.resources.ranksPerNode == 1").message("methods lora, qlora and dpo train in one process: set resources.ranksPerNode to 1, or use method full"))]
-#[x_kube(validation = Rule::new("!has(self.resources.ranksPerNode) || !has(self.resources.gpu) || self.resources.ranksPerNode == self.resources.gpu.perNode").message("resources.ranksPerNode must equal resources.gpu.perNode: each rank drives one GPU"))]
-#[x_kube(validation = Rule::new("self.method == 'full' || !has(self.resources.gpu) || self.resources.gpu.perNode == 1").message("methods lora, qlora and dpo train on one GPU: set resources.gpu.perNode to 1, or use method full"))]
-#[x_kube(validation = Rule::new("self.method != 'full' || !has(self.lora)").message("spec.lora is not allowed with method full, which trains every weight"))]
-#[x_kube(validation = Rule::new("self.method == 'qlora' || !has(self.qlora)").message("spec.qlora is only allowed with method qlora"))]
-#[x_kube(validation = Rule::new("self.method != 'dpo' || has(self.dpo)").message("method dpo requires spec.dpo"))]
-#[x_kube(validation = Rule::new("self.method == 'dpo' || !has(self.dpo)").message("spec.dpo is only allowed with method dpo"))]
-#[x_kube(validation = Rule::new("self.method != 'dpo' || self.dataset.format == 'preference'").message("method dpo needs a dataset with format preference"))]
-#[x_kube(validation = Rule::new("self.method == 'dpo' || self.dataset.format != 'preference'").message("a preference dataset is only used by method dpo"))]
+#[x_kube(validation = rules::at(Rule::new("self.method == 'full' || self.resources.nodes == 1").message("methods lora, qlora and dpo run on one node: set resources.nodes to 1, or use method full"), ".resources.nodes", Reason::FieldValueInvalid))]
+#[x_kube(validation = rules::at(Rule::new("self.method == 'full' || !has(self.resources.ranksPerNode) || self.resources.ranksPerNode == 1").message("methods lora, qlora and dpo train in one process: set resources.ranksPerNode to 1, or use method full"), ".resources.ranksPerNode", Reason::FieldValueInvalid))]
+#[x_kube(validation = rules::at(Rule::new("!has(self.resources.ranksPerNode) || !has(self.resources.gpu) || self.resources.ranksPerNode == self.resources.gpu.perNode").message("resources.ranksPerNode must equal resources.gpu.perNode: each rank drives one GPU"), ".resources.ranksPerNode", Reason::FieldValueInvalid))]
+#[x_kube(validation = rules::at(Rule::new("self.method == 'full' || !has(self.resources.gpu) || self.resources.gpu.perNode == 1").message("methods lora, qlora and dpo train on one GPU: set resources.gpu.perNode to 1, or use method full"), ".resources.gpu.perNode", Reason::FieldValueInvalid))]
+#[x_kube(validation = rules::at(Rule::new("self.method != 'full' || !has(self.lora)").message("spec.lora is not allowed with method full, which trains every weight"), ".lora", Reason::FieldValueForbidden))]
+#[x_kube(validation = rules::at(Rule::new("self.method == 'qlora' || !has(self.qlora)").message("spec.qlora is only allowed with method qlora"), ".qlora", Reason::FieldValueForbidden))]
+#[x_kube(validation = rules::at(Rule::new("self.method != 'dpo' || has(self.dpo)").message("method dpo requires spec.dpo"), ".dpo", Reason::FieldValueRequired))]
+#[x_kube(validation = rules::at(Rule::new("self.method == 'dpo' || !has(self.dpo)").message("spec.dpo is only allowed with method dpo"), ".dpo", Reason::FieldValueForbidden))]
+#[x_kube(validation = rules::at(Rule::new("self.method != 'dpo' || self.dataset.format == 'preference'").message("method dpo needs a dataset with format preference"), ".dataset.format", Reason::FieldValueInvalid))]
+#[x_kube(validation = rules::at(Rule::new("self.method == 'dpo' || self.dataset.format != 'preference'").message("a preference dataset is only used by method dpo"), ".dataset.format", Reason::FieldValueInvalid))]
+#[x_kube(validation = rules::at(Rule::new("!has(self.resources.gpu) || !has(self.scheduling.nodeSelector) || !('nvidia.com/gpu.product' in self.scheduling.nodeSelector) || self.scheduling.nodeSelector['nvidia.com/gpu.product'] == self.resources.gpu.product").message(Message::Expression("'scheduling.nodeSelector asks for nvidia.com/gpu.product ' + self.scheduling.nodeSelector['nvidia.com/gpu.product'] + ' but resources.gpu.product is ' + self.resources.gpu.product + ': no node has both; remove the selector entry, the product is selected already'".into())), ".scheduling.nodeSelector", Reason::FieldValueInvalid))]
+#[x_kube(validation = rules::at(Rule::new("self.resources.nodes == 1 || !self.scheduling.onePodPerNode || !has(self.scheduling.nodeSelector) || !('kubernetes.io/hostname' in self.scheduling.nodeSelector)").message("scheduling.nodeSelector pins every pod to one node with kubernetes.io/hostname, but the pods of a gang run on distinct nodes (scheduling.onePodPerNode): remove kubernetes.io/hostname, or set onePodPerNode to false"), ".scheduling.nodeSelector", Reason::FieldValueInvalid))]
 pub struct FineTuneJobSpec {
     /// How to fine-tune: lora (adapter on a frozen base, one GPU), qlora (adapter on a
     /// 4-bit base, one GPU), full (every weight, across nodes) or dpo (preference tuning
@@ -154,6 +150,7 @@ pub struct FineTuneJobSpec {
     /// Trainer image to use instead of the operator's default. Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
+    #[x_kube(validation = Rule::new(format!("self.matches({})", rules::quoted(rules::IMAGE_PATTERN))).message(Message::Expression("'image must be an image reference such as \"registry.example.com/ml/kubetune-trainer:0.1.0\" (a lowercase repository, an optional tag or @sha256 digest); \"' + self + '\" is not'".into())))]
     pub image: Option<String>,
 }
 
@@ -165,17 +162,20 @@ fn default_stall_timeout() -> u32 {
 }
 
 /// A file or directory on a PersistentVolumeClaim in the job's namespace.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumePath {
     /// Name of the PersistentVolumeClaim.
-    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = rules::format("volume.claimName", "dns1123Subdomain", "a PersistentVolumeClaim name: lowercase letters, digits, \"-\" and \".\""))]
     pub claim_name: String,
 
     /// Path inside the volume, relative to its root: segments of letters, digits, "-",
-    /// "_" and ".", none of them "." or "..", no leading "/". Omitted means the root.
+    /// "_" and ".", none of them "." or "..", no leading "/". Empty: the volume's root.
+    /// Omitted: the root for baseModel, `<namespace>/<job name>` for output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 1024), regex(pattern = RELATIVE_PATH_PATTERN))]
+    #[schemars(length(max = 1024))]
+    #[x_kube(validation = Rule::new(format!("self == '' || self.matches({})", rules::quoted(rules::RELATIVE_PATH_PATTERN))).message(Message::Expression("'volume.path must be empty (the root) or a path relative to the volume root, without \"..\" or \".\" segments, such as \"models/llama\"; \"' + self + '\" is not'".into())))]
     pub path: Option<String>,
 }
 
@@ -189,6 +189,7 @@ pub struct BaseModel {
     /// Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("!self.matches('[[:cntrl:]]')").message("baseModel.name must be one line of printable characters"))]
     pub name: Option<String>,
 
     /// The checkpoint directory on a PersistentVolumeClaim; mounted read-only.
@@ -211,16 +212,19 @@ pub struct Dataset {
     pub format: DatasetFormat,
 
     /// Name of the PersistentVolumeClaim holding the files; mounted read-only.
-    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = rules::format("dataset.claimName", "dns1123Subdomain", "a PersistentVolumeClaim name: lowercase letters, digits, \"-\" and \".\""))]
     pub claim_name: String,
 
     /// The training JSONL file, relative to the volume's root.
-    #[schemars(length(min = 1, max = 1024), regex(pattern = RELATIVE_PATH_PATTERN))]
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = rules::relative_path("dataset.trainPath", "support/train.jsonl"))]
     pub train_path: String,
 
     /// A held-out JSONL file for evaluation, relative to the volume's root. Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 1024), regex(pattern = RELATIVE_PATH_PATTERN))]
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = rules::relative_path("dataset.evalPath", "support/eval.jsonl"))]
     pub eval_path: Option<String>,
 
     /// Percent of the training file held out for evaluation when evalPath is not set.
@@ -334,12 +338,13 @@ impl Resources {
 }
 
 /// GPUs for each trainer pod.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuRequest {
     /// The GPU product, matched against the nodes' `nvidia.com/gpu.product` label, such
     /// as "NVIDIA-A100-SXM4-80GB" or "NVIDIA-H100-80GB-HBM3".
-    #[schemars(length(min = 1, max = 63), regex(pattern = LABEL_VALUE_PATTERN))]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = rules::format("resources.gpu.product", "labelValue", "a value of the node label nvidia.com/gpu.product, such as \"NVIDIA-A100-SXM4-80GB\""))]
     pub product: String,
 
     /// GPUs per pod (per node). Default 1; 1 to 16. Methods other than full use 1.
@@ -368,7 +373,7 @@ pub struct Budget {
     /// The most the job may cost, as a decimal string with at most two places
     /// ("125.50"). At this amount the trainer is stopped (after it checkpoints) and the
     /// job fails with reason BudgetExceeded.
-    #[x_kube(validation = Rule::new("double(self) > 0.0").message("budget.maxCost must be above 0"))]
+    #[x_kube(validation = crate::rules::money_range("budget.maxCost", "double(self) > 0.0", "above 0"))]
     pub max_cost: Money,
 
     /// A warning event is recorded when the cost reaches this percent of maxCost.
@@ -388,30 +393,35 @@ fn default_warn_percent() -> u32 {
 pub struct PodMetadata {
     /// Labels added to every trainer pod. At most 32.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 32))]
+    #[schemars(extend("maxProperties" = 32, "additionalProperties" = {"type": "string", "maxLength": 63}))]
     #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('kubetune.io/'))").message("podMetadata.labels must not use the reserved prefix kubetune.io/"))]
+    #[x_kube(validation = rules::map_keys("podMetadata.labels"))]
+    #[x_kube(validation = rules::label_values("podMetadata.labels"))]
     pub labels: BTreeMap<String, String>,
 
     /// Annotations added to every trainer pod. At most 32.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
     #[x_kube(validation = Rule::new("self.all(k, !k.startsWith('kubetune.io/'))").message("podMetadata.annotations must not use the reserved prefix kubetune.io/"))]
+    #[x_kube(validation = rules::map_keys("podMetadata.annotations"))]
     pub annotations: BTreeMap<String, String>,
 }
 
 /// Where and how the trainer pods are placed.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Scheduling {
     /// Kueue LocalQueue to submit to. The trainer Job is then created suspended with the
     /// `kueue.x-k8s.io/queue-name` label and starts when Kueue admits it. Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = DNS_LABEL_PATTERN))]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = rules::format("scheduling.queueName", "dns1123Label", "a LocalQueue name that fits a label value: at most 63 lowercase letters, digits and \"-\""))]
     pub queue_name: Option<String>,
 
     /// PriorityClass of the trainer pods. Optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = rules::format("scheduling.priorityClassName", "dns1123Subdomain", "a PriorityClass name: lowercase letters, digits, \"-\" and \".\""))]
     pub priority_class_name: Option<String>,
 
     /// Extra tolerations for the trainer pods; the `nvidia.com/gpu` taint is tolerated
@@ -422,7 +432,9 @@ pub struct Scheduling {
 
     /// Extra node labels the trainer pods require, on top of the GPU product. At most 32.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 32))]
+    #[schemars(extend("maxProperties" = 32, "additionalProperties" = {"type": "string", "maxLength": 63}))]
+    #[x_kube(validation = rules::map_keys("scheduling.nodeSelector"))]
+    #[x_kube(validation = rules::label_values("scheduling.nodeSelector"))]
     pub node_selector: BTreeMap<String, String>,
 
     /// A gang (method full) whose pods are not all running within this many seconds is

@@ -7,8 +7,10 @@
 pub mod adapterdeployment;
 pub mod decimal;
 pub mod finetunejob;
+pub mod kubernetes;
 pub mod manifests;
 pub mod memory;
+pub mod rules;
 pub mod training;
 
 pub use adapterdeployment::{AdapterDeployment, AdapterDeploymentSpec, AdapterDeploymentStatus};

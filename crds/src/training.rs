@@ -75,6 +75,7 @@ pub enum Scheduler {
 /// Optimisation settings. Every field has a default suited to LoRA on a 7–8B model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = crate::rules::at(Rule::new("!has(self.maxSteps) || self.warmupSteps <= self.maxSteps").message("hyperparameters.warmupSteps must not exceed hyperparameters.maxSteps: the learning rate would never reach its peak"), ".warmupSteps", Reason::FieldValueInvalid))]
 pub struct Hyperparameters {
     /// Passes over the training set. Default 1. Ignored when `maxSteps` is set.
     #[serde(default = "default_epochs")]
@@ -89,7 +90,7 @@ pub struct Hyperparameters {
     /// Peak learning rate of AdamW, as a decimal string. Default "2e-4"; must be above 0
     /// and at most 1.
     #[serde(default = "default_learning_rate")]
-    #[x_kube(validation = Rule::new("double(self) > 0.0 && double(self) <= 1.0").message("learningRate must be above 0 and at most 1"))]
+    #[x_kube(validation = crate::rules::decimal_range("hyperparameters.learningRate", "double(self) > 0.0 && double(self) <= 1.0", "above 0 and at most 1"))]
     pub learning_rate: Decimal,
 
     /// Sequences per micro-batch on each GPU. Default 4.
@@ -109,7 +110,7 @@ pub struct Hyperparameters {
     pub max_seq_length: u32,
 
     /// Optimizer steps over which the learning rate rises linearly from 0 to its peak.
-    /// Default 0.
+    /// Default 0; at most `maxSteps` when that is set.
     #[serde(default)]
     #[schemars(range(max = 1_000_000))]
     pub warmup_steps: u32,
@@ -120,12 +121,13 @@ pub struct Hyperparameters {
 
     /// AdamW's decoupled weight decay, as a decimal string. Default "0"; at most 1.
     #[serde(default = "default_weight_decay")]
-    #[x_kube(validation = Rule::new("double(self) <= 1.0").message("weightDecay must be at most 1"))]
+    #[x_kube(validation = crate::rules::decimal_range("hyperparameters.weightDecay", "double(self) <= 1.0", "at most 1"))]
     pub weight_decay: Decimal,
 
     /// Gradients are clipped to this global L2 norm, as a decimal string. Default "1.0";
-    /// "0" turns clipping off.
+    /// "0" turns clipping off; at most 1000000.
     #[serde(default = "default_max_grad_norm")]
+    #[x_kube(validation = crate::rules::decimal_range("hyperparameters.maxGradNorm", "double(self) <= 1000000.0", "at most 1000000"))]
     pub max_grad_norm: Decimal,
 
     /// Seed for initialisation, dropout and data order: the same seed and data give the
@@ -245,7 +247,7 @@ pub struct LoraSpec {
     /// Dropout probability on the adapter's input, as a decimal string. Default "0.05";
     /// at least 0 and below 1.
     #[serde(default = "default_dropout")]
-    #[x_kube(validation = Rule::new("double(self) < 1.0").message("lora.dropout must be below 1"))]
+    #[x_kube(validation = crate::rules::decimal_range("lora.dropout", "double(self) < 1.0", "below 1"))]
     pub dropout: Decimal,
 
     /// Linear layers that get an adapter. Default: the four attention projections.
@@ -333,12 +335,12 @@ pub struct DpoSpec {
     /// Strength β of the KL penalty towards the reference, as a decimal string. Default
     /// "0.1"; above 0 and at most 10.
     #[serde(default = "default_beta")]
-    #[x_kube(validation = Rule::new("double(self) > 0.0 && double(self) <= 10.0").message("dpo.beta must be above 0 and at most 10"))]
+    #[x_kube(validation = crate::rules::decimal_range("dpo.beta", "double(self) > 0.0 && double(self) <= 10.0", "above 0 and at most 10"))]
     pub beta: Decimal,
 
     /// Label smoothing ε (conservative DPO), as a decimal string. Default "0"; below 0.5.
     #[serde(default = "default_label_smoothing")]
-    #[x_kube(validation = Rule::new("double(self) < 0.5").message("dpo.labelSmoothing must be below 0.5"))]
+    #[x_kube(validation = crate::rules::decimal_range("dpo.labelSmoothing", "double(self) < 0.5", "below 0.5"))]
     pub label_smoothing: Decimal,
 }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::core::{PartialObjectMeta, Selector, SelectorExt};
@@ -91,7 +92,7 @@ async fn controller(client: &Client, namespace: Option<&str>, context: Arc<Conte
                     .into_iter()
                     .filter(|adep| adep.namespace() == namespace)
                     .filter(|adep| {
-                        Selector::try_from(adep.spec.selector.clone())
+                        Selector::try_from(LabelSelector::from(&adep.spec.selector))
                             .is_ok_and(|s| s.matches(&labels))
                     })
                     .map(|adep| ObjectRef::from_obj(&*adep))
@@ -179,10 +180,11 @@ async fn reconcile_inner(
     }
 
     // The selected pods, and what each server holds.
-    let selector = Selector::try_from(adep.spec.selector.clone()).map_err(|e| Error::Spec {
-        object: object.clone(),
-        message: format!("spec.selector: {e}"),
-    })?;
+    let selector =
+        Selector::try_from(LabelSelector::from(&adep.spec.selector)).map_err(|e| Error::Spec {
+            object: object.clone(),
+            message: format!("spec.selector: {e}"),
+        })?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let pods = pods
         .list(&ListParams::default().labels_from(&selector))

@@ -277,7 +277,7 @@ fn pod_spec(
             ..Toleration::default()
         });
     }
-    tolerations.extend(spec.scheduling.tolerations.iter().cloned());
+    tolerations.extend(spec.scheduling.tolerations.iter().map(Toleration::from));
     if let Some(cpu) = &spec.resources.cpu {
         limits.insert("cpu".into(), Quantity(cpu.clone()));
     }
