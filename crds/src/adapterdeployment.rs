@@ -318,9 +318,10 @@ pub struct AdapterDeploymentStatus {
     #[serde(default)]
     pub ready_replicas: u32,
 
-    /// Standard conditions: Progressing, Available, Degraded.
+    /// Standard conditions, one per type (the types and reasons are listed in the CRD,
+    /// from [`crate::conditions::adapterdeployment::TYPES`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"], "description" = crate::conditions::adapterdeployment::description()))]
     pub conditions: Vec<Condition>,
 }
 

@@ -20,7 +20,6 @@ use crate::training::{
     CheckpointSpec, DatasetFormat, DpoSpec, Hyperparameters, LoraSpec, Method, QloraSpec,
 };
 
-
 /// Fine-tune a base model on a dataset with LoRA, QLoRA, full fine-tuning or DPO.
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[kube(
@@ -520,10 +519,10 @@ pub struct FineTuneJobStatus {
     #[serde(default)]
     pub phase: Phase,
 
-    /// Standard conditions: Admitted, Running, Succeeded, Failed, Suspended, Stalled,
-    /// InputsReady, FitsGpuMemory.
+    /// Standard conditions, one per type (the types and reasons are listed in the CRD,
+    /// from [`crate::conditions::finetunejob::TYPES`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"], "description" = crate::conditions::finetunejob::description()))]
     pub conditions: Vec<Condition>,
 
     /// When the first attempt's pods started.

@@ -5,6 +5,7 @@
 //! on it. It is the one place the Kubernetes API types they share are defined.
 
 pub mod adapterdeployment;
+pub mod conditions;
 pub mod decimal;
 pub mod finetunejob;
 pub mod kubernetes;

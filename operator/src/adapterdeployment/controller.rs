@@ -229,7 +229,7 @@ async fn reconcile_inner(
         if let Err(message) = outcome {
             warn!(%pod, %message, "a serving pod refused");
             transitions.push(events::Transition {
-                reason: "LoadFailed",
+                reason: kubetune_crds::conditions::reason::LOAD_FAILED,
                 note: format!("{pod}: {message}"),
                 warning: true,
             });

@@ -18,6 +18,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kubetune_crds::adapterdeployment::{
     AdapterDeployment, AdapterDeploymentPhase, AdapterDeploymentStatus, AdapterVersion, PodAdapters,
 };
+use kubetune_crds::conditions::{adapterdeployment as types, reason};
 use kubetune_crds::{FineTuneJob, Phase};
 use sha2::{Digest, Sha256};
 
@@ -253,6 +254,10 @@ struct Planner<'a> {
 
 impl Planner<'_> {
     fn condition(&mut self, type_: &str, status: bool, reason: &str, message: String) {
+        debug_assert!(
+            types::get(type_).is_some_and(|t| t.allows(reason)),
+            "condition {type_} with reason {reason} is not in kubetune_crds::conditions"
+        );
         conditions::set(
             &mut self.status.conditions,
             Desired {
@@ -336,14 +341,24 @@ fn choose_revision(p: &mut Planner<'_>, observed: &Observed) {
     }
     wanted.sort_by(|a, b| a.name.cmp(&b.name));
     if !blocked.is_empty() {
-        p.condition("AdaptersResolved", false, "Blocked", blocked.join("; "));
+        p.condition(
+            types::ADAPTERS_RESOLVED,
+            false,
+            reason::BLOCKED,
+            blocked.join("; "),
+        );
     } else if !waiting.is_empty() {
-        p.condition("AdaptersResolved", false, "Waiting", waiting.join("; "));
+        p.condition(
+            types::ADAPTERS_RESOLVED,
+            false,
+            reason::WAITING,
+            waiting.join("; "),
+        );
     } else {
         p.condition(
-            "AdaptersResolved",
+            types::ADAPTERS_RESOLVED,
             true,
-            "Resolved",
+            reason::RESOLVED,
             format!("{} adapter versions to serve", wanted.len()),
         );
     }
@@ -362,9 +377,9 @@ fn choose_revision(p: &mut Planner<'_>, observed: &Observed) {
     p.status.rolled_back_from = None;
     p.new_revision(wanted);
     p.condition(
-        "Degraded",
+        types::DEGRADED,
         false,
-        "NewRevision",
+        reason::NEW_REVISION,
         format!("rolling out revision {}", p.status.revision),
     );
     let versions: Vec<&str> = p
@@ -409,11 +424,16 @@ fn roll_out(p: &mut Planner<'_>, observed: &Observed) {
     let mut pods: Vec<&ObservedPod> = observed.pods.iter().collect();
     pods.sort_by(|a, b| a.name.cmp(&b.name));
     if p.status.revision == 0 {
-        let why = conditions::get(&p.status.conditions, "AdaptersResolved")
+        let why = conditions::get(&p.status.conditions, types::ADAPTERS_RESOLVED)
             .map(|c| c.message.clone())
             .unwrap_or_default();
-        p.condition("Progressing", true, "WaitingForAdapters", why.clone());
-        p.condition("Available", false, "WaitingForAdapters", why);
+        p.condition(
+            types::PROGRESSING,
+            true,
+            reason::WAITING_FOR_ADAPTERS,
+            why.clone(),
+        );
+        p.condition(types::AVAILABLE, false, reason::WAITING_FOR_ADAPTERS, why);
         p.status.phase = AdapterDeploymentPhase::Progressing;
         counts(p, pods.len() as u32, 0, 0);
         return;
@@ -508,13 +528,13 @@ fn roll_out(p: &mut Planner<'_>, observed: &Observed) {
             let from = p.status.revision;
             p.new_revision(back);
             p.condition(
-                "Degraded",
+                types::DEGRADED,
                 true,
-                "RolledBack",
+                reason::ROLLED_BACK,
                 format!("revision {from} failed and was rolled back: {message}"),
             );
             p.event(
-                "RolledBack",
+                reason::ROLLED_BACK,
                 format!("revision {from} failed, returning to the previous adapters: {message}"),
                 true,
             );
@@ -533,17 +553,17 @@ fn roll_out(p: &mut Planner<'_>, observed: &Observed) {
             return;
         }
         if p.status.rolled_back_from.is_none() {
-            let known = conditions::get(&p.status.conditions, "Degraded")
-                .is_some_and(|c| c.status == "True" && c.reason == "LoadFailed");
-            p.condition("Degraded", true, "LoadFailed", message.clone());
+            let known = conditions::get(&p.status.conditions, types::DEGRADED)
+                .is_some_and(|c| c.status == "True" && c.reason == reason::LOAD_FAILED);
+            p.condition(types::DEGRADED, true, reason::LOAD_FAILED, message.clone());
             if !known {
-                p.event("LoadFailed", message, true);
+                p.event(reason::LOAD_FAILED, message, true);
             }
             p.status.pods = pod_status;
             p.condition(
-                "Progressing",
+                types::PROGRESSING,
                 false,
-                "LoadFailed",
+                reason::LOAD_FAILED,
                 "the rollout stopped after failed loads".into(),
             );
             counts(p, replicas, updated, ready);
@@ -561,7 +581,7 @@ fn roll_out(p: &mut Planner<'_>, observed: &Observed) {
         .filter(|name| work.contains_key(name) && !failed_names.contains(*name))
         .collect();
 
-    let mut stage = "Complete";
+    let mut stage = reason::COMPLETE;
     let mut to_sync: Vec<&str> = Vec::new();
     match (&rollout.canary, rolling_back) {
         (Some(canary), false) if updated < replicas => {
@@ -577,7 +597,7 @@ fn roll_out(p: &mut Planner<'_>, observed: &Observed) {
                 .filter(|name| !holding.contains(name))
                 .collect();
             if !pending.is_empty() {
-                stage = "Canary";
+                stage = reason::CANARY;
                 to_sync = pending
                     .into_iter()
                     .filter(|name| candidates.contains(name))
@@ -592,7 +612,7 @@ fn roll_out(p: &mut Planner<'_>, observed: &Observed) {
                 };
                 let until = plus(since, canary.hold_seconds);
                 if p.now < until {
-                    stage = "CanaryHold";
+                    stage = reason::CANARY_HOLD;
                     let models: Vec<String> = target.iter().map(|v| v.version.clone()).collect();
                     for name in &canaries {
                         if let Some(ip) = pods
@@ -611,7 +631,7 @@ fn roll_out(p: &mut Planner<'_>, observed: &Observed) {
                     let left = since_secs(p.now, until);
                     p.requeue(Duration::from_secs(left.clamp(1, 10)));
                 } else {
-                    if !conditions::is_true(&p.status.conditions, "CanaryPassed") {
+                    if !conditions::is_true(&p.status.conditions, types::CANARY_PASSED) {
                         p.event(
                             "CanaryPassed",
                             format!(
@@ -624,26 +644,26 @@ fn roll_out(p: &mut Planner<'_>, observed: &Observed) {
                         );
                     }
                     p.condition(
-                        "CanaryPassed",
+                        types::CANARY_PASSED,
                         true,
-                        "Held",
+                        reason::HELD,
                         format!("revision {} passed its canary", p.status.revision),
                     );
-                    stage = "RollingOut";
+                    stage = reason::ROLLING_OUT;
                     to_sync = candidates.clone();
                 }
             }
         }
         _ => {
             if !candidates.is_empty() {
-                stage = "RollingOut";
+                stage = reason::ROLLING_OUT;
             }
             to_sync = candidates.clone();
         }
     }
-    if stage == "Canary" || stage == "CanaryHold" {
+    if stage == reason::CANARY || stage == reason::CANARY_HOLD {
         p.condition(
-            "CanaryPassed",
+            types::CANARY_PASSED,
             false,
             stage,
             format!("revision {} is on its canary replicas", p.status.revision),
@@ -667,8 +687,8 @@ fn roll_out(p: &mut Planner<'_>, observed: &Observed) {
     let complete = replicas > 0 && updated == replicas;
     let revision = p.status.revision;
     if complete {
-        if !conditions::is_true(&p.status.conditions, "Available")
-            || conditions::is_true(&p.status.conditions, "Progressing")
+        if !conditions::is_true(&p.status.conditions, types::AVAILABLE)
+            || conditions::is_true(&p.status.conditions, types::PROGRESSING)
         {
             p.event(
                 "RolloutComplete",
@@ -677,15 +697,15 @@ fn roll_out(p: &mut Planner<'_>, observed: &Observed) {
             );
         }
         p.condition(
-            "Progressing",
+            types::PROGRESSING,
             false,
-            "Complete",
+            reason::COMPLETE,
             format!("all {replicas} replicas serve revision {revision}"),
         );
         p.condition(
-            "Available",
+            types::AVAILABLE,
             true,
-            "AllReplicasUpdated",
+            reason::ALL_REPLICAS_UPDATED,
             format!("{ready} ready replicas serve revision {revision}"),
         );
     } else {
@@ -696,10 +716,10 @@ fn roll_out(p: &mut Planner<'_>, observed: &Observed) {
         } else {
             format!("{updated} of {replicas} replicas serve revision {revision}")
         };
-        p.condition("Progressing", true, stage, message.clone());
-        p.condition("Available", false, "Updating", message);
+        p.condition(types::PROGRESSING, true, stage, message.clone());
+        p.condition(types::AVAILABLE, false, reason::UPDATING, message);
     }
-    p.status.phase = if conditions::is_true(&p.status.conditions, "Degraded") {
+    p.status.phase = if conditions::is_true(&p.status.conditions, types::DEGRADED) {
         AdapterDeploymentPhase::Degraded
     } else if complete {
         AdapterDeploymentPhase::Available

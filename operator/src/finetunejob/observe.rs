@@ -8,6 +8,7 @@
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
+use kubetune_crds::conditions::reason;
 use kubetune_crds::training::contract;
 
 /// The extended resource of NVIDIA's device plugin.
@@ -74,12 +75,12 @@ impl FailureClass {
     /// The reason recorded in status and events.
     pub fn reason(self) -> &'static str {
         match self {
-            Self::InvalidInput => "InvalidInput",
-            Self::OutOfMemory => "OutOfMemory",
-            Self::Evicted => "Evicted",
-            Self::Preempted => "Preempted",
-            Self::NodeLost => "NodeLost",
-            Self::Error => "TrainerError",
+            Self::InvalidInput => reason::INVALID_INPUT,
+            Self::OutOfMemory => reason::OUT_OF_MEMORY,
+            Self::Evicted => reason::EVICTED,
+            Self::Preempted => reason::PREEMPTED,
+            Self::NodeLost => reason::NODE_LOST,
+            Self::Error => reason::TRAINER_ERROR,
         }
     }
 
@@ -211,7 +212,7 @@ pub fn pod(pod: &Pod) -> ObservedPod {
                         && c.reason.as_deref() == Some("Unschedulable")
                 })
             })
-            .map(|c| ("Unschedulable", c.message.clone().unwrap_or_default()));
+            .map(|c| (reason::UNSCHEDULABLE, c.message.clone().unwrap_or_default()));
         let pull = state
             .and_then(|s| s.waiting.as_ref())
             .filter(|w| {
@@ -220,7 +221,12 @@ pub fn pod(pod: &Pod) -> ObservedPod {
                     Some("ErrImagePull" | "ImagePullBackOff" | "InvalidImageName")
                 )
             })
-            .map(|w| ("ImagePullFailed", w.message.clone().unwrap_or_default()));
+            .map(|w| {
+                (
+                    reason::IMAGE_PULL_FAILED,
+                    w.message.clone().unwrap_or_default(),
+                )
+            });
         unschedulable.or(pull)
     } else {
         None

@@ -13,6 +13,7 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kubetune_crds::Money;
+use kubetune_crds::conditions::{finetunejob as types, reason};
 use kubetune_crds::finetunejob::{
     Attempt, Children, Cost, FineTuneJob, FineTuneJobStatus, MemoryPlanStatus, Phase, PlanSource,
 };
@@ -127,6 +128,10 @@ impl Planner<'_> {
         reason: &'static str,
         message: String,
     ) {
+        debug_assert!(
+            types::get(type_).is_some_and(|t| t.allows(reason)),
+            "condition {type_} with reason {reason} is not in kubetune_crds::conditions"
+        );
         conditions::set(
             &mut self.status.conditions,
             Desired {
@@ -192,7 +197,11 @@ impl Planner<'_> {
             format!("started attempt {number} from the last checkpoint")
         };
         self.event(
-            if number == 1 { "Admitted" } else { "Restarted" },
+            if number == 1 {
+                reason::ADMITTED
+            } else {
+                reason::RESTARTED
+            },
             note,
             false,
         );
@@ -214,9 +223,9 @@ impl Planner<'_> {
         self.set_phase(phase);
         self.status.completion_time = Some(Time(self.now));
         let succeeded = phase == Phase::Succeeded;
-        self.condition("Succeeded", succeeded, reason, message.clone());
-        self.condition("Failed", !succeeded, reason, message.clone());
-        self.condition("Running", false, reason, message.clone());
+        self.condition(types::SUCCEEDED, succeeded, reason, message.clone());
+        self.condition(types::FAILED, !succeeded, reason, message.clone());
+        self.condition(types::RUNNING, false, reason, message.clone());
         self.event(reason, message, !succeeded);
     }
 
@@ -241,7 +250,7 @@ impl Planner<'_> {
             }
             self.finish(
                 Phase::Failed,
-                "BackoffLimitExceeded",
+                reason::BACKOFF_LIMIT_EXCEEDED,
                 format!("attempt failed ({reason}: {message}) and all {max} restarts are used"),
             );
             return;
@@ -253,7 +262,7 @@ impl Planner<'_> {
         self.set_phase(Phase::Pending);
         let delay = backoff(self.status.restarts);
         self.condition(
-            "Running",
+            types::RUNNING,
             false,
             reason,
             format!(
@@ -330,17 +339,17 @@ fn plan_memory(p: &mut Planner<'_>) {
              maxSeqLength, or method qlora"
         }
     );
-    let warned =
-        conditions::get(&p.status.conditions, "FitsGpuMemory").is_some_and(|c| c.status == "False");
+    let warned = conditions::get(&p.status.conditions, types::FITS_GPU_MEMORY)
+        .is_some_and(|c| c.status == "False");
     if !fits && !warned {
-        p.event("InsufficientGpuMemory", message.clone(), true);
+        p.event(reason::INSUFFICIENT_GPU_MEMORY, message.clone(), true);
     }
     let reason = if fits {
-        "Fits"
+        reason::FITS
     } else {
-        "InsufficientGpuMemory"
+        reason::INSUFFICIENT_GPU_MEMORY
     };
-    p.condition("FitsGpuMemory", fits, reason, message);
+    p.condition(types::FITS_GPU_MEMORY, fits, reason, message);
 }
 
 fn step(p: &mut Planner<'_>, observed: &Observed) {
@@ -369,9 +378,9 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
     if !observed.missing_claims.is_empty() {
         let names = observed.missing_claims.join(", ");
         p.condition(
-            "InputsReady",
+            types::INPUTS_READY,
             false,
-            "ClaimMissing",
+            reason::CLAIM_MISSING,
             format!("waiting for PersistentVolumeClaim {names} in this namespace"),
         );
         p.set_phase(Phase::Pending);
@@ -380,9 +389,9 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
         return;
     }
     p.condition(
-        "InputsReady",
+        types::INPUTS_READY,
         true,
-        "Found",
+        reason::FOUND,
         "every PersistentVolumeClaim exists".into(),
     );
     plan_memory(p);
@@ -390,9 +399,9 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
     let Some(current) = p.status.attempts.last().cloned() else {
         if spec.budget.is_some() && observed.cost.is_none() && observed.prices_pending {
             p.condition(
-                "Admitted",
+                types::ADMITTED,
                 false,
-                "WaitingForPrices",
+                reason::WAITING_FOR_PRICES,
                 "the budget is checked against the price table, which is not loaded yet".into(),
             );
             p.set_phase(Phase::Pending);
@@ -400,7 +409,7 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
             return;
         }
         if let Some(message) = unaffordable(p.ftj, observed.cost.as_ref()) {
-            p.condition("Admitted", false, "BudgetTooSmall", message);
+            p.condition(types::ADMITTED, false, reason::BUDGET_TOO_SMALL, message);
             p.set_phase(Phase::Pending);
             return;
         }
@@ -454,7 +463,7 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
     if spec.suspend && job.outcome == JobOutcome::Active {
         if p.status.phase != Phase::Suspended {
             p.event(
-                "Suspended",
+                reason::SUSPENDED,
                 "stopped the trainer pods; they resume from the checkpoint".into(),
                 false,
             );
@@ -464,15 +473,15 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
     }
     if p.status.phase == Phase::Suspended {
         p.event(
-            "Resumed",
+            reason::RESUMED,
             "resumed the trainer pods from the checkpoint".into(),
             false,
         );
     }
     p.condition(
-        "Suspended",
+        types::SUSPENDED,
         false,
-        "Resumed",
+        reason::RESUMED,
         "spec.suspend is false".into(),
     );
 
@@ -493,8 +502,12 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
                     &render::output_path(p.ftj, namespace),
                 );
             }
-            p.end_attempt("Succeeded", "", nodes);
-            p.finish(Phase::Succeeded, "Succeeded", "the trainer finished".into());
+            p.end_attempt(reason::SUCCEEDED, "", nodes);
+            p.finish(
+                Phase::Succeeded,
+                reason::SUCCEEDED,
+                "the trainer finished".into(),
+            );
         }
         JobOutcome::Failed => {
             // A permanent failure on any rank decides; otherwise the first failure.
@@ -607,13 +620,18 @@ fn account(p: &mut Planner<'_>, observed: &Observed) -> bool {
                 .iter()
                 .flat_map(|job| job.pods.iter().filter_map(|pod| pod.node.clone()))
                 .collect();
-            p.end_attempt("BudgetExceeded", &message, nodes);
+            p.end_attempt(reason::BUDGET_EXCEEDED, &message, nodes);
         }
-        p.condition("BudgetExceeded", true, "BudgetExceeded", message.clone());
-        p.finish(Phase::Failed, "BudgetExceeded", message);
+        p.condition(
+            types::BUDGET_EXCEEDED,
+            true,
+            reason::BUDGET_EXCEEDED,
+            message.clone(),
+        );
+        p.finish(Phase::Failed, reason::BUDGET_EXCEEDED, message);
         return true;
     }
-    let warned = conditions::is_true(&p.status.conditions, "BudgetWarning");
+    let warned = conditions::is_true(&p.status.conditions, types::BUDGET_WARNING);
     if accrued * 100 >= max * u64::from(budget.warn_percent) && !warned {
         let message = format!(
             "the run has cost {}, {}% of its budget of {}",
@@ -621,8 +639,13 @@ fn account(p: &mut Planner<'_>, observed: &Observed) -> bool {
             accrued * 100 / max.max(1),
             amount(max)
         );
-        p.condition("BudgetWarning", true, "BudgetWarning", message.clone());
-        p.event("BudgetWarning", message, true);
+        p.condition(
+            types::BUDGET_WARNING,
+            true,
+            reason::BUDGET_WARNING,
+            message.clone(),
+        );
+        p.event(reason::BUDGET_WARNING, message, true);
     }
     false
 }
@@ -633,7 +656,7 @@ fn total_cost(p: &mut Planner<'_>, observed: &Observed) {
         .status
         .attempts
         .iter()
-        .filter(|a| a.end_time.is_some() && a.reason.as_deref() != Some("Succeeded"))
+        .filter(|a| a.end_time.is_some() && a.reason.as_deref() != Some(reason::SUCCEEDED))
         .map(|a| a.number)
         .collect();
     let phase = p.status.phase;
@@ -742,12 +765,17 @@ fn unaffordable(ftj: &FineTuneJob, inputs: Option<&CostInputs>) -> Option<String
 fn suspended(p: &mut Planner<'_>) {
     p.set_phase(Phase::Suspended);
     p.condition(
-        "Suspended",
+        types::SUSPENDED,
         true,
-        "Suspended",
+        reason::SUSPENDED,
         "spec.suspend is true".into(),
     );
-    p.condition("Running", false, "Suspended", "spec.suspend is true".into());
+    p.condition(
+        types::RUNNING,
+        false,
+        reason::SUSPENDED,
+        "spec.suspend is true".into(),
+    );
 }
 
 fn active(
@@ -765,25 +793,30 @@ fn active(
         if job.suspended {
             p.set_phase(Phase::Pending);
             p.condition(
-                "Admitted",
+                types::ADMITTED,
                 false,
-                "Queued",
+                reason::QUEUED,
                 format!("waiting for Kueue to admit the workload from LocalQueue {queue}"),
             );
-            p.condition("Running", false, "Queued", format!("queued in {queue}"));
+            p.condition(
+                types::RUNNING,
+                false,
+                reason::QUEUED,
+                format!("queued in {queue}"),
+            );
             return;
         }
         p.condition(
-            "Admitted",
+            types::ADMITTED,
             true,
-            "AdmittedByKueue",
+            reason::ADMITTED_BY_KUEUE,
             format!("Kueue admitted the workload from LocalQueue {queue}"),
         );
     } else {
         p.condition(
-            "Admitted",
+            types::ADMITTED,
             true,
-            "Created",
+            reason::CREATED,
             "the trainer Job is created".into(),
         );
     }
@@ -805,9 +838,9 @@ fn active(
             attempt.nodes = nodes.clone();
         }
         p.condition(
-            "Running",
+            types::RUNNING,
             true,
-            "TrainerRunning",
+            reason::TRAINER_RUNNING,
             format!("{running} of {wanted} trainer pods running"),
         );
         if let Some(report) = report {
@@ -823,9 +856,12 @@ fn active(
             *reason,
             format!("{running} of {wanted} pods running; {message}"),
         ),
-        None => ("Pending", format!("{running} of {wanted} pods running")),
+        None => (
+            reason::PENDING,
+            format!("{running} of {wanted} pods running"),
+        ),
     };
-    p.condition("Running", false, reason, message);
+    p.condition(types::RUNNING, false, reason, message);
 
     // All or nothing: a gang that is not whole within the timeout releases its GPUs.
     // The clock runs from the Job's (latest) start: time queued in Kueue or suspended
@@ -842,7 +878,7 @@ fn active(
                 "only {running} of {wanted} pods were running after {}s; released the gang's GPUs",
                 timeout.as_secs()
             );
-            p.retry_or_fail(&job.name, "GangTimeout", message, nodes, true);
+            p.retry_or_fail(&job.name, reason::GANG_TIMEOUT, message, nodes, true);
         } else {
             p.requeue(timeout - waited);
         }
@@ -884,13 +920,13 @@ fn progress_and_stall(
             quiet.as_secs(),
             report.step
         );
-        p.condition("Stalled", true, "NoProgress", message.clone());
-        p.retry_or_fail(&job.name, "Stalled", message, nodes, true);
+        p.condition(types::STALLED, true, reason::NO_PROGRESS, message.clone());
+        p.retry_or_fail(&job.name, reason::STALLED, message, nodes, true);
     } else {
         p.condition(
-            "Stalled",
+            types::STALLED,
             false,
-            "Progressing",
+            reason::PROGRESSING,
             format!("step {} of {}", report.step, report.total_steps),
         );
     }
