@@ -49,6 +49,20 @@ pub const SHA256_PATTERN: &str = r"^[a-f0-9]{64}$";
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
     ),
+    printcolumn(
+        name = "Revision",
+        type_ = "integer",
+        json_path = ".status.revision",
+        description = "The adapter set being rolled out or served",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".status.replicas",
+        description = "Selected serving pods",
+        priority = 1
+    ),
     doc = "Serve LoRA adapters from running multi-LoRA serving pods, rolled out replica by replica."
 )]
 #[serde(rename_all = "camelCase")]

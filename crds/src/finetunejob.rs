@@ -39,6 +39,12 @@ use crate::training::{
         description = "Percent of the optimizer steps done"
     ),
     printcolumn(
+        name = "Restarts",
+        type_ = "integer",
+        json_path = ".status.restarts",
+        description = "Restarts from a checkpoint so far"
+    ),
+    printcolumn(
         name = "Cost",
         type_ = "string",
         json_path = ".status.cost.amount",
@@ -48,6 +54,34 @@ use crate::training::{
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Nodes",
+        type_ = "integer",
+        json_path = ".spec.resources.nodes",
+        description = "Trainer pods, one per node",
+        priority = 1
+    ),
+    printcolumn(
+        name = "GPUs/Node",
+        type_ = "integer",
+        json_path = ".spec.resources.gpu.perNode",
+        description = "GPUs of each trainer pod (none: CPU)",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Queue",
+        type_ = "string",
+        json_path = ".spec.scheduling.queueName",
+        description = "Kueue LocalQueue",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Eval-Improvement",
+        type_ = "string",
+        json_path = ".status.evaluation.improvement",
+        description = "Relative eval-loss improvement over the base model",
+        priority = 1
     ),
     doc = "Fine-tune a base model on a dataset with LoRA, QLoRA, full fine-tuning or DPO.",
     validation = Rule::new("size(self.metadata.name) <= 63").message("metadata.name must be at most 63 characters: it names the trainer pods, their Service and their labels"),

@@ -50,11 +50,33 @@ fn normalize_schema(value: &mut serde_json::Value) {
                     }
                 }
             }
+            if let Some(Value::String(description)) = map.get_mut("description") {
+                *description = reflow(description);
+            }
             map.values_mut().for_each(normalize_schema);
         }
         Value::Array(items) => items.iter_mut().for_each(normalize_schema),
         _ => {}
     }
+}
+
+/// A doc comment's text as `kubectl explain` should show it: the comment's hard line
+/// breaks joined into flowing paragraphs (kubectl wraps them itself), while blank lines
+/// and list items (`- `) keep their breaks.
+fn reflow(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines().map(str::trim) {
+        if out.is_empty() {
+            out.push_str(line);
+        } else if line.is_empty() || line.starts_with("- ") || out.ends_with('\n') {
+            out.push('\n');
+            out.push_str(line);
+        } else {
+            out.push(' ');
+            out.push_str(line);
+        }
+    }
+    out
 }
 
 /// A CRD rendered as the YAML file committed for it.
@@ -69,6 +91,18 @@ pub fn to_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_yaml::Err
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn descriptions_flow_as_paragraphs_and_keep_list_items() {
+        assert_eq!(
+            reflow("Path inside the volume, relative\nto its root.\n\nOmitted: the root."),
+            "Path inside the volume, relative to its root.\n\nOmitted: the root."
+        );
+        assert_eq!(
+            reflow("Conditions:\n\n- Admitted: created.\n- Running: runs,\n  all pods."),
+            "Conditions:\n\n- Admitted: created.\n- Running: runs, all pods."
+        );
+    }
 
     #[test]
     fn committed_manifests_match_the_types() {

@@ -311,6 +311,33 @@ fn argocd_cm_patch_carries_the_health_scripts_verbatim() -> Result<()> {
     Ok(())
 }
 
+/// The condition types a health script reads (`condition(status, "Type")`), which must
+/// be ones the controllers set: the scripts cannot drift from `kubetune_crds::conditions`.
+#[test]
+fn health_scripts_read_only_condition_types_the_controllers_set() -> Result<()> {
+    use kubetune_crds::conditions::{ConditionType, adapterdeployment, finetunejob};
+    let scripts: [(&str, &[ConditionType]); 2] = [
+        ("finetunejob.lua", finetunejob::TYPES),
+        ("adapterdeployment.lua", adapterdeployment::TYPES),
+    ];
+    for (file, types) in scripts {
+        let script = std::fs::read_to_string(argocd().join("health").join(file))?;
+        let read: Vec<&str> = script
+            .split("condition(status, \"")
+            .skip(1)
+            .filter_map(|rest| rest.split_once('"').map(|(name, _)| name))
+            .collect();
+        ensure!(!read.is_empty(), "health/{file} reads no condition");
+        for name in read {
+            ensure!(
+                types.iter().any(|t| t.name == name),
+                "health/{file} reads condition {name}, which no controller sets"
+            );
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn lua_literals_keep_strings_numbers_and_nesting() {
     assert_eq!(

@@ -16,6 +16,7 @@ use kubetune_operator::leader::Elector;
 use kubetune_operator::metrics::Metrics;
 use kubetune_operator::server::{self, Shared};
 use prometheus_client::registry::Registry;
+use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -83,12 +84,19 @@ struct Flags {
 async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only for a person at a terminal: piped into a file or a log collector,
+    // escape codes are noise.
+    let ansi = std::io::stdout().is_terminal();
     match flags.log_format {
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
+            .with_ansi(false)
             .with_env_filter(filter)
             .init(),
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_ansi(ansi)
+            .with_env_filter(filter)
+            .init(),
     }
 
     // In cluster: the pod's service account; out of cluster: KUBECONFIG or ~/.kube/config.
