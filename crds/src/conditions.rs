@@ -40,6 +40,9 @@ fn describe(types: &[ConditionType]) -> String {
 pub mod reason {
     /// An attempt or the job ended with the artifact written.
     pub const SUCCEEDED: &str = "Succeeded";
+    /// The spec names a path outside its volume (refused by the operator as well as
+    /// the CRD).
+    pub const INVALID_SPEC: &str = "InvalidSpec";
     /// The trainer refused its input (a bad dataset line, a missing file).
     pub const INVALID_INPUT: &str = "InvalidInput";
     /// The trainer was killed for exceeding its memory limit.
@@ -158,6 +161,7 @@ pub mod finetunejob {
 
     const ENDINGS: &[&str] = &[
         reason::SUCCEEDED,
+        INVALID_SPEC,
         INVALID_INPUT,
         BACKOFF_LIMIT_EXCEEDED,
         reason::BUDGET_EXCEEDED,
@@ -185,6 +189,7 @@ pub mod finetunejob {
                 UNSCHEDULABLE,
                 QUEUED,
                 reason::SUSPENDED,
+                INVALID_SPEC,
                 INVALID_INPUT,
                 OUT_OF_MEMORY,
                 EVICTED,

@@ -72,6 +72,47 @@ mod tests {
         );
     }
 
+    /// A DNS-1123 label: what a Job's pod hostname and a label value must be.
+    fn is_dns_label(name: &str) -> bool {
+        (1..=63).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !name.starts_with('-')
+            && !name.ends_with('-')
+    }
+
+    /// The longest name the CRD admits (63, a DNS-1035 label) and the most pods and
+    /// attempts a job can have: every derived name stays within what Kubernetes takes.
+    #[test]
+    fn names_derived_from_the_longest_admitted_job_name_fit_kubernetes_limits() {
+        let longest = format!("a{}", "b-".repeat(31));
+        let longest = format!("{}z", &longest[..62]);
+        assert_eq!(longest.len(), 63);
+        for attempt in [1, 9, 10, 101, 4_294_967_295] {
+            let job = attempt_job(&longest, attempt);
+            assert!(job.len() <= MAX_JOB_NAME, "{job}");
+            assert!(job.ends_with(&format!("-a{attempt}")), "{job}");
+            // The Indexed Job's hostnames (`<job>-<index>`, at most 64 pods) and pod
+            // names (`<job>-<index>-<5 random>`) must stay DNS labels.
+            let hostname = format!("{job}-63");
+            assert!(is_dns_label(&hostname), "{hostname}");
+            assert!(format!("{hostname}-x7k2p").len() <= 63, "{hostname}");
+        }
+        let service = service(&longest);
+        assert!(is_dns_label(&service), "{service}");
+        assert!(
+            service.starts_with(|c: char| c.is_ascii_lowercase()),
+            "a Service name is a DNS-1035 label: {service}"
+        );
+        let config_map = config_map(&longest);
+        assert!(is_dns_label(&config_map), "{config_map}");
+        // One character less gives different names: no collision at the limit.
+        let shorter = &longest[..62];
+        assert_ne!(service, super::service(shorter));
+        assert_ne!(attempt_job(&longest, 1), attempt_job(shorter, 1));
+    }
+
     #[test]
     fn shortened_names_do_not_end_the_prefix_with_a_dash() {
         let base = format!("{}-{}", "a".repeat(39), "b".repeat(30));

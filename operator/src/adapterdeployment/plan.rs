@@ -147,7 +147,23 @@ pub fn resolve(
     spec.adapters
         .iter()
         .map(|adapter| {
-            let resolved = if let Some(artifact) = &adapter.artifact {
+            // The CRD refuses these at apply; refused again for objects stored
+            // before that rule, so no server is sent a path outside the volume.
+            let escapes = |path: &str| path.split('/').any(|segment| segment == "..");
+            let resolved = if escapes(mount) {
+                Resolved::Blocked(format!(
+                    "artifacts.mountPath {mount:?} has a \"..\" segment"
+                ))
+            } else if let Some(artifact) = adapter
+                .artifact
+                .as_ref()
+                .filter(|a| a.path.starts_with('/') || escapes(&a.path))
+            {
+                Resolved::Blocked(format!(
+                    "artifact.path {:?} leaves the artifact volume: it must be relative and without \"..\"",
+                    artifact.path
+                ))
+            } else if let Some(artifact) = &adapter.artifact {
                 // Without a digest the path names the version.
                 let digest = artifact
                     .sha256

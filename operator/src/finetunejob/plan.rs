@@ -375,6 +375,14 @@ fn step(p: &mut Planner<'_>, observed: &Observed) {
         return;
     }
 
+    // The CRD refuses paths that leave their volume at apply; a job stored before that
+    // rule existed (or written around it) is refused here again, before any pod mounts
+    // a volume.
+    if let Some(message) = render::path_outside_volume(spec) {
+        p.finish(Phase::Failed, reason::INVALID_SPEC, message);
+        return;
+    }
+
     if !observed.missing_claims.is_empty() {
         let names = observed.missing_claims.join(", ");
         p.condition(
@@ -1103,6 +1111,23 @@ mod tests {
         assert_eq!(condition.status, "False");
         assert!(condition.message.contains("datasets"));
         assert_eq!(plan.status.phase, Phase::Pending);
+    }
+
+    #[test]
+    fn a_path_outside_its_volume_fails_the_job_before_anything_is_created() {
+        for (field, path) in [("train", "../team-b/train.jsonl"), ("output", "/etc")] {
+            let mut ftj = finetunejob_from_example("lora-a100.yaml");
+            match field {
+                "train" => ftj.spec.dataset.train_path = path.into(),
+                _ => ftj.spec.output.volume.path = Some(path.into()),
+            }
+            let plan = plan(&ftj, &Observed::default(), at(0));
+            assert!(plan.actions.is_empty(), "{path}: {:?}", plan.actions);
+            assert_eq!(plan.status.phase, Phase::Failed);
+            let failed = conditions::get(&plan.status.conditions, "Failed").expect("set");
+            assert_eq!(failed.reason, "InvalidSpec");
+            assert!(failed.message.contains(path), "{}", failed.message);
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use kube::Resource;
-use kubetune_crds::finetunejob::FineTuneJob;
+use kubetune_crds::finetunejob::{FineTuneJob, FineTuneJobSpec};
 use kubetune_crds::training::{TrainerConfig, contract};
 
 use crate::names;
@@ -93,6 +93,27 @@ fn join(mount: &str, path: Option<&str>) -> String {
         Some(path) => format!("{mount}/{path}"),
         None => mount.to_owned(),
     }
+}
+
+/// The first volume path of `spec` that is absolute or has a `..` segment, as a message
+/// naming its field: joined to its mount, it would open files outside the volume.
+pub fn path_outside_volume(spec: &FineTuneJobSpec) -> Option<String> {
+    let paths = [
+        (
+            "baseModel.volume.path",
+            spec.base_model.volume.path.as_deref(),
+        ),
+        ("dataset.trainPath", Some(spec.dataset.train_path.as_str())),
+        ("dataset.evalPath", spec.dataset.eval_path.as_deref()),
+        ("output.volume.path", spec.output.volume.path.as_deref()),
+    ];
+    paths.into_iter().find_map(|(field, path)| {
+        let path = path?;
+        let escapes = path.starts_with('/') || path.split('/').any(|segment| segment == "..");
+        escapes.then(|| {
+            format!("{field} {path:?} leaves its volume: paths must be relative and without \"..\"")
+        })
+    })
 }
 
 /// Whether the job runs as a gang of ranks, with a headless Service for the rendezvous.

@@ -383,3 +383,17 @@ fn removed_adapters_are_unloaded() {
             .any(|op| matches!(op, Op::Load { name, .. } if name.starts_with("other-")))
     );
 }
+
+#[test]
+fn an_artifact_path_outside_the_volume_is_blocked_and_never_sent() {
+    for path in ["../team-b/support", "/etc/support", "support/../../x"] {
+        let mut a = adep(SHA_A, None, 1);
+        if let Some(artifact) = a.spec.adapters[0].artifact.as_mut() {
+            artifact.path = path.into();
+        }
+        match &resolve(&a, &BTreeMap::new())[0].1 {
+            Resolved::Blocked(why) => assert!(why.contains(path), "{why}"),
+            other => panic!("{path} resolved to {other:?}"),
+        }
+    }
+}
