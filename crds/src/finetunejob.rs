@@ -704,7 +704,8 @@ pub struct Evaluation {
 }
 
 /// The compute cost of the run: GPU-seconds of every attempt's pods × the price of the
-/// GPU product (spot or on-demand) of the node each ran on.
+/// GPU product (spot or on-demand) of the node each ran on; for a job without GPUs, CPU
+/// core-seconds × the CPU price. GPU jobs report `gpuHours`, CPU jobs `cpuCoreHours`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Cost {
@@ -712,11 +713,18 @@ pub struct Cost {
     pub currency: String,
     /// Accrued cost so far, two decimal places.
     pub amount: Money,
-    /// GPU-hours so far (core-hours for CPU jobs), as a decimal string.
-    pub gpu_hours: String,
+    /// GPU-hours so far, as a decimal string (jobs with GPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_hours: Option<String>,
     /// GPU-hours of attempts that did not finish: time lost to restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_gpu_hours: Option<String>,
+    /// CPU core-hours so far, as a decimal string (jobs without GPUs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_core_hours: Option<String>,
+    /// CPU core-hours of attempts that did not finish: time lost to restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_cpu_core_hours: Option<String>,
     /// Estimated total cost at completion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimated_total: Option<Money>,
@@ -736,8 +744,14 @@ pub struct Cost {
 pub struct AttemptCost {
     /// The attempt's number.
     pub number: u32,
-    /// GPU-seconds consumed (GPUs × seconds running, summed over pods).
-    pub gpu_seconds: u64,
+    /// GPU-seconds consumed (GPUs × seconds running, summed over pods), for a job with
+    /// GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_seconds: Option<u64>,
+    /// CPU core-seconds consumed (cores × seconds running, summed over pods), for a job
+    /// without GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_core_seconds: Option<u64>,
     /// Cost of those seconds, two decimal places.
     pub amount: Money,
     /// The exact ledger the amount is rounded from: the sum of seconds × GPUs × rate,
@@ -745,9 +759,10 @@ pub struct AttemptCost {
     /// 36,000,000). Derived from pod timestamps, so recomputing it never counts twice.
     #[serde(default)]
     pub rate_seconds: u64,
-    /// GPU-seconds settled at an earlier price table, before pricedSince.
+    /// GPU-seconds (CPU core-seconds) settled at an earlier price table, before
+    /// pricedSince.
     #[serde(default, skip_serializing_if = "is_zero")]
-    pub settled_gpu_seconds: u64,
+    pub settled_seconds: u64,
     /// Rate-seconds settled at an earlier price table, before pricedSince.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub settled_rate_seconds: u64,
@@ -764,6 +779,21 @@ pub struct AttemptCost {
 
 fn is_zero(value: &u64) -> bool {
     *value == 0
+}
+
+impl AttemptCost {
+    /// What the attempt consumed: GPU-seconds, or CPU core-seconds for a CPU job.
+    pub fn usage_seconds(&self) -> u64 {
+        self.gpu_seconds.or(self.cpu_core_seconds).unwrap_or(0)
+    }
+
+    /// Records what the attempt consumed in the field of its kind.
+    pub fn set_usage_seconds(&mut self, seconds: u64) {
+        match (&mut self.gpu_seconds, &mut self.cpu_core_seconds) {
+            (_, Some(cpu)) => *cpu = seconds,
+            (gpu, None) => *gpu = Some(seconds),
+        }
+    }
 }
 
 /// The result of a succeeded job.

@@ -36,9 +36,14 @@ pub fn print_status(name: &str, status: &FineTuneJobStatus) {
         );
     }
     if let Some(cost) = &status.cost {
+        let usage = match (&cost.gpu_hours, &cost.cpu_core_hours) {
+            (Some(hours), _) => format!("GPU-hours {hours}"),
+            (None, Some(hours)) => format!("CPU core-hours {hours}"),
+            (None, None) => "no usage yet".to_owned(),
+        };
         println!(
-            "    cost         {} {} (CPU core-hours {})",
-            cost.amount, cost.currency, cost.gpu_hours
+            "    cost         {} {} ({usage})",
+            cost.amount, cost.currency
         );
     }
     if let Some(artifact) = &status.artifact {

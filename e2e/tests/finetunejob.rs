@@ -796,7 +796,8 @@ async fn cost_is_the_pods_running_time_at_its_nodes_rate_across_an_operator_rest
         .context("cost")?;
     assert_eq!(cost.attempts.len(), 1);
     assert_eq!(
-        cost.attempts[0].gpu_seconds, seconds,
+        cost.attempts[0].usage_seconds(),
+        seconds,
         "counted once, exactly"
     );
     assert_eq!(cost.attempts[0].rate_seconds, seconds * rate);

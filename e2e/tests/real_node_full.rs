@@ -174,7 +174,11 @@ async fn run(cluster: &Cluster, ns: &str, volumes: &Volumes) -> Result<()> {
     // Both pods' running time, each a started core: between what their containers ran
     // and what the pods lived, summed.
     let (ran, lived) = pod_seconds(cluster, ns, "full-a").await?;
-    let billed = cost.attempts[0].gpu_seconds;
+    ensure!(
+        cost.gpu_hours.is_none() && cost.attempts[0].gpu_seconds.is_none(),
+        "a CPU job reports CPU core-hours, not GPU-hours: {cost:?}"
+    );
+    let billed = cost.attempts[0].cpu_core_seconds.unwrap_or(0);
     ensure!(
         ran.len() == PODS && billed + PODS as u64 >= ran.iter().sum::<u64>(),
         "cost counts every pod of the gang: billed {billed} core-seconds, pods ran {ran:?} s"

@@ -65,8 +65,10 @@ pub struct Metrics {
     pub price_table_valid: Gauge,
     /// Price tables refused as invalid.
     pub price_table_errors: Counter,
-    /// GPU-hours (core-hours for CPU jobs) consumed, by job.
+    /// GPU-hours consumed by jobs with GPUs, by job.
     pub gpu_hours: Family<JobLabels, Counter<f64, AtomicU64>>,
+    /// CPU core-hours consumed by jobs without GPUs, by job.
+    pub cpu_core_hours: Family<JobLabels, Counter<f64, AtomicU64>>,
     /// Compute cost accrued in the price table's currency, by job.
     pub cost: Family<JobLabels, Counter<f64, AtomicU64>>,
     /// Calls to serving pods' adapter API, by operation and result.
@@ -105,6 +107,7 @@ impl Metrics {
             price_table_valid: Gauge::default(),
             price_table_errors: Counter::default(),
             gpu_hours: Family::default(),
+            cpu_core_hours: Family::default(),
             cost: Family::default(),
             adapter_operations: Family::default(),
         };
@@ -142,8 +145,13 @@ impl Metrics {
         );
         registry.register(
             "gpu_hours",
-            "GPU-hours (core-hours for CPU jobs) consumed by FineTuneJobs",
+            "GPU-hours consumed by FineTuneJobs with GPUs",
             metrics.gpu_hours.clone(),
+        );
+        registry.register(
+            "cpu_core_hours",
+            "CPU core-hours consumed by FineTuneJobs without GPUs",
+            metrics.cpu_core_hours.clone(),
         );
         registry.register(
             "cost",

@@ -1,4 +1,4 @@
-//! The GPU-seconds ledger: what each attempt's pods consumed and what that cost.
+//! The GPU-seconds (CPU core-seconds) ledger: what each attempt's pods consumed and what that cost.
 //!
 //! Everything is derived from pod timestamps (the moment the trainer container started
 //! running, and the moment it ended, or now) and kept in integers: GPU-seconds, and
@@ -34,14 +34,16 @@ pub struct PodUsage {
     pub priced: Option<Priced>,
 }
 
-/// A fresh ledger entry for attempt `number`.
-pub fn entry(number: u32) -> AttemptCost {
+/// A fresh ledger entry for attempt `number`, counting GPU-seconds when `gpu`, else
+/// CPU core-seconds.
+pub fn entry(number: u32, gpu: bool) -> AttemptCost {
     AttemptCost {
         number,
-        gpu_seconds: 0,
+        gpu_seconds: gpu.then_some(0),
+        cpu_core_seconds: (!gpu).then_some(0),
         amount: Money::from_cents(0),
         rate_seconds: 0,
-        settled_gpu_seconds: 0,
+        settled_seconds: 0,
         settled_rate_seconds: 0,
         priced_since: None,
         price_table: String::new(),
@@ -75,7 +77,7 @@ pub fn accrue(
     if entry.price_table != version {
         if let Some(updated) = &entry.updated {
             // A new table: what was accrued keeps its rates; the rest is priced anew.
-            entry.settled_gpu_seconds = entry.gpu_seconds;
+            entry.settled_seconds = entry.usage_seconds();
             entry.settled_rate_seconds = entry.rate_seconds;
             entry.priced_since = Some(updated.clone());
         }
@@ -83,7 +85,7 @@ pub fn accrue(
     }
     let since = entry.priced_since.as_ref().map(|t| t.0.as_second());
     let now_s = now.as_second();
-    let mut gpu_seconds = entry.settled_gpu_seconds;
+    let mut usage_seconds = entry.settled_seconds;
     let mut rate_seconds = entry.settled_rate_seconds;
     let mut rates = BTreeMap::new();
     for pod in pods {
@@ -94,7 +96,7 @@ pub fn accrue(
         let to = pod.ended.map_or(now_s, |e| e.as_second().min(now_s));
         // A clock that went backwards gives an empty interval, never a negative one.
         let seconds = u64::try_from(to - from).unwrap_or(0);
-        gpu_seconds += seconds * pod.units;
+        usage_seconds += seconds * pod.units;
         if let Some(priced) = &pod.priced {
             rate_seconds += seconds * pod.units * priced.rate;
             rates.insert(priced.key.clone(), priced.rate);
@@ -102,7 +104,7 @@ pub fn accrue(
     }
     // A pod deleted before it was seen to end leaves its last figures standing: the
     // ledger only ever grows.
-    entry.gpu_seconds = entry.gpu_seconds.max(gpu_seconds);
+    entry.set_usage_seconds(entry.usage_seconds().max(usage_seconds));
     entry.rate_seconds = entry.rate_seconds.max(rate_seconds);
     entry.amount = Money::from_cents(cents(entry.rate_seconds));
     let later = entry.updated.as_ref().is_none_or(|u| u.0 < now);
@@ -120,20 +122,32 @@ pub fn burn_rate(pods: &[PodUsage]) -> u64 {
         .sum()
 }
 
-/// The job's totals from its attempts. `lost` are the attempts that ended without
-/// finishing the run.
-pub fn total(cost: &mut Cost, lost: &[u32]) {
+/// The job's totals from its attempts, as GPU-hours when `gpu`, else CPU core-hours.
+/// `lost` are the attempts that ended without finishing the run.
+pub fn total(cost: &mut Cost, lost: &[u32], gpu: bool) {
     let rate_seconds: u64 = cost.attempts.iter().map(|a| a.rate_seconds).sum();
-    let gpu_seconds: u64 = cost.attempts.iter().map(|a| a.gpu_seconds).sum();
+    let usage_seconds: u64 = cost.attempts.iter().map(AttemptCost::usage_seconds).sum();
     let lost_seconds: u64 = cost
         .attempts
         .iter()
         .filter(|a| lost.contains(&a.number))
-        .map(|a| a.gpu_seconds)
+        .map(AttemptCost::usage_seconds)
         .sum();
     cost.amount = Money::from_cents(cents(rate_seconds));
-    cost.gpu_hours = hours(gpu_seconds);
-    cost.lost_gpu_hours = (lost_seconds > 0).then(|| hours(lost_seconds));
+    let (used, lost) = (
+        Some(hours(usage_seconds)),
+        (lost_seconds > 0).then(|| hours(lost_seconds)),
+    );
+    (
+        cost.gpu_hours,
+        cost.lost_gpu_hours,
+        cost.cpu_core_hours,
+        cost.lost_cpu_core_hours,
+    ) = if gpu {
+        (used, lost, None, None)
+    } else {
+        (None, None, used, lost)
+    };
 }
 
 /// The accrued total in rate-seconds.
@@ -175,16 +189,16 @@ mod tests {
 
     #[test]
     fn one_gpu_for_an_hour_at_3_40_costs_3_40() {
-        let mut e = entry(1);
+        let mut e = entry(1, true);
         accrue(&mut e, &[pod(Some(0), None, 1, 34_000)], "v1", at(3_600));
-        assert_eq!(e.gpu_seconds, 3_600);
+        assert_eq!(e.usage_seconds(), 3_600);
         assert_eq!(e.amount.as_str(), "3.40");
-        assert_eq!(hours(e.gpu_seconds), "1.0000");
+        assert_eq!(hours(e.usage_seconds()), "1.0000");
     }
 
     #[test]
     fn spot_and_on_demand_nodes_in_one_gang_are_priced_apiece() {
-        let mut e = entry(1);
+        let mut e = entry(1, true);
         let pods = [
             pod(Some(0), None, 8, 69_800),
             PodUsage {
@@ -195,7 +209,7 @@ mod tests {
         let rates = accrue(&mut e, &pods, "v1", at(1_800));
         // 8 GPUs × 0.5 h × (6.98 + 2.90) = 39.52
         assert_eq!(e.amount.as_str(), "39.52");
-        assert_eq!(e.gpu_seconds, 2 * 8 * 1_800);
+        assert_eq!(e.usage_seconds(), 2 * 8 * 1_800);
         assert_eq!(rates.len(), 2);
         assert_eq!(burn_rate(&pods), 8 * (69_800 + 29_000));
     }
@@ -203,7 +217,7 @@ mod tests {
     #[test]
     fn recomputing_from_the_same_pods_counts_nothing_twice() {
         let pods = [pod(Some(0), Some(600), 1, 34_000)];
-        let mut e = entry(1);
+        let mut e = entry(1, true);
         accrue(&mut e, &pods, "v1", at(700));
         let once = e.clone();
         // The same reconcile again, and an operator restart that reads the status back.
@@ -211,39 +225,39 @@ mod tests {
         let mut restarted: AttemptCost =
             serde_json::from_value(serde_json::to_value(&e).expect("ser")).expect("de");
         accrue(&mut restarted, &pods, "v1", at(900));
-        assert_eq!(e.gpu_seconds, once.gpu_seconds);
-        assert_eq!(restarted.gpu_seconds, 600);
+        assert_eq!(e.usage_seconds(), once.usage_seconds());
+        assert_eq!(restarted.usage_seconds(), 600);
         assert_eq!(restarted.rate_seconds, once.rate_seconds);
     }
 
     #[test]
     fn pods_that_never_started_cost_nothing() {
-        let mut e = entry(1);
+        let mut e = entry(1, true);
         accrue(&mut e, &[pod(None, None, 8, 34_000)], "v1", at(3_600));
-        assert_eq!((e.gpu_seconds, e.amount.as_str()), (0, "0.00"));
+        assert_eq!((e.usage_seconds(), e.amount.as_str()), (0, "0.00"));
     }
 
     #[test]
     fn a_clock_that_goes_backwards_is_clamped() {
-        let mut e = entry(1);
+        let mut e = entry(1, true);
         accrue(&mut e, &[pod(Some(100), None, 1, 34_000)], "v1", at(50));
-        assert_eq!(e.gpu_seconds, 0);
+        assert_eq!(e.usage_seconds(), 0);
         accrue(&mut e, &[pod(Some(0), None, 1, 34_000)], "v1", at(600));
         let before = e.clone();
         accrue(&mut e, &[pod(Some(0), None, 1, 34_000)], "v1", at(300));
-        assert_eq!(e.gpu_seconds, before.gpu_seconds, "never shrinks");
+        assert_eq!(e.usage_seconds(), before.usage_seconds(), "never shrinks");
         assert_eq!(e.updated, before.updated, "the update time never goes back");
     }
 
     #[test]
     fn a_price_change_mid_run_keeps_the_old_rate_for_past_time() {
-        let mut e = entry(1);
+        let mut e = entry(1, true);
         accrue(&mut e, &[pod(Some(0), None, 1, 36_000)], "v1", at(1_800));
         assert_eq!(e.amount.as_str(), "1.80");
         // The table changes: from the last update (1,800 s) on, 7.20 an hour.
         accrue(&mut e, &[pod(Some(0), None, 1, 72_000)], "v2", at(3_600));
         assert_eq!(e.amount.as_str(), "5.40");
-        assert_eq!(e.gpu_seconds, 3_600);
+        assert_eq!(e.usage_seconds(), 3_600);
         assert_eq!(e.priced_since, Some(Time(at(1_800))));
         // Later updates at v2 keep the settled part.
         accrue(&mut e, &[pod(Some(0), None, 1, 72_000)], "v2", at(5_400));
@@ -252,14 +266,14 @@ mod tests {
 
     #[test]
     fn restarts_are_totalled_and_lost_time_is_reported() {
-        let mut first = entry(1);
+        let mut first = entry(1, true);
         accrue(
             &mut first,
             &[pod(Some(0), Some(1_800), 8, 34_000)],
             "v1",
             at(1_900),
         );
-        let mut second = entry(2);
+        let mut second = entry(2, true);
         accrue(
             &mut second,
             &[pod(Some(2_000), None, 8, 34_000)],
@@ -269,25 +283,59 @@ mod tests {
         let mut cost = Cost {
             currency: "USD".into(),
             amount: Money::from_cents(0),
-            gpu_hours: String::new(),
+            gpu_hours: None,
             lost_gpu_hours: None,
+            cpu_core_hours: None,
+            lost_cpu_core_hours: None,
             estimated_total: None,
             rates: BTreeMap::new(),
             attempts: vec![first, second],
         };
-        total(&mut cost, &[1]);
-        assert_eq!(cost.gpu_hours, "12.0000");
+        total(&mut cost, &[1], true);
+        assert_eq!(cost.gpu_hours.as_deref(), Some("12.0000"));
         assert_eq!(cost.lost_gpu_hours.as_deref(), Some("4.0000"));
+        assert_eq!(cost.cpu_core_hours, None);
         // 12 GPU-hours × 3.40
         assert_eq!(cost.amount.as_str(), "40.80");
     }
 
     #[test]
+    fn a_cpu_job_reports_core_hours_and_no_gpu_hours() {
+        let mut attempt = entry(1, false);
+        accrue(
+            &mut attempt,
+            &[pod(Some(0), Some(3_600), 2, 500)],
+            "v1",
+            at(3_600),
+        );
+        assert_eq!(
+            (attempt.gpu_seconds, attempt.cpu_core_seconds),
+            (None, Some(7_200))
+        );
+        let mut cost = Cost {
+            currency: "USD".into(),
+            amount: Money::from_cents(0),
+            gpu_hours: None,
+            lost_gpu_hours: None,
+            cpu_core_hours: None,
+            lost_cpu_core_hours: None,
+            estimated_total: None,
+            rates: BTreeMap::new(),
+            attempts: vec![attempt],
+        };
+        total(&mut cost, &[], false);
+        assert_eq!(cost.cpu_core_hours.as_deref(), Some("2.0000"));
+        assert_eq!((cost.gpu_hours, cost.lost_gpu_hours), (None, None));
+        // 2 core-hours × 0.05
+        assert_eq!(cost.amount.as_str(), "0.10");
+    }
+
+    #[test]
     fn a_pod_deleted_unseen_keeps_its_last_figures() {
-        let mut e = entry(1);
+        let mut e = entry(1, true);
         accrue(&mut e, &[pod(Some(0), None, 1, 34_000)], "v1", at(600));
         accrue(&mut e, &[], "v1", at(1_200));
-        assert_eq!(e.gpu_seconds, 600);
+        assert_eq!(e.usage_seconds(), 600);
     }
 
     #[test]

@@ -384,7 +384,8 @@ async fn reconcile_inner(
     Ok(Requeue::requeue(after.min(context.settings.resync)))
 }
 
-/// Adds what this reconcile accrued to the per-job GPU-hour and cost counters.
+/// Adds what this reconcile accrued to the per-job GPU-hour (CPU core-hour) and cost
+/// counters.
 fn count_cost(
     context: &Context,
     namespace: &str,
@@ -394,8 +395,8 @@ fn count_cost(
 ) {
     let totals = |status: Option<&kubetune_crds::FineTuneJobStatus>| {
         status.and_then(|s| s.cost.as_ref()).map_or((0, 0), |cost| {
-            let gpu_seconds: u64 = cost.attempts.iter().map(|a| a.gpu_seconds).sum();
-            (gpu_seconds, crate::cost::ledger::rate_seconds(cost))
+            let seconds: u64 = cost.attempts.iter().map(|a| a.usage_seconds()).sum();
+            (seconds, crate::cost::ledger::rate_seconds(cost))
         })
     };
     let (gpu_before, rate_before) = totals(before);
@@ -406,11 +407,16 @@ fn count_cost(
     };
     if gpu_after > gpu_before {
         let hours = (gpu_after - gpu_before) as f64 / 3600.0;
-        context
-            .metrics
-            .gpu_hours
-            .get_or_create(&labels)
-            .inc_by(hours);
+        let counter = if after
+            .cost
+            .as_ref()
+            .is_some_and(|c| c.cpu_core_hours.is_some())
+        {
+            &context.metrics.cpu_core_hours
+        } else {
+            &context.metrics.gpu_hours
+        };
+        counter.get_or_create(&labels).inc_by(hours);
     }
     if rate_after > rate_before {
         let amount = (rate_after - rate_before) as f64 / 36_000_000.0;

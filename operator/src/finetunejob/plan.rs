@@ -570,11 +570,14 @@ fn account(p: &mut Planner<'_>, observed: &Observed) -> bool {
         return false;
     };
     let table = &inputs.table;
+    let gpu = p.ftj.spec.resources.gpu.is_some();
     let mut cost = p.status.cost.clone().unwrap_or_else(|| Cost {
         currency: table.currency.clone(),
         amount: Money::from_cents(0),
-        gpu_hours: ledger::hours(0),
+        gpu_hours: gpu.then(|| ledger::hours(0)),
         lost_gpu_hours: None,
+        cpu_core_hours: (!gpu).then(|| ledger::hours(0)),
+        lost_cpu_core_hours: None,
         estimated_total: None,
         rates: Default::default(),
         attempts: Vec::new(),
@@ -583,7 +586,7 @@ fn account(p: &mut Planner<'_>, observed: &Observed) -> bool {
         let index = match cost.attempts.iter().position(|a| a.number == number) {
             Some(index) => index,
             None => {
-                cost.attempts.push(ledger::entry(number));
+                cost.attempts.push(ledger::entry(number, gpu));
                 cost.attempts.len() - 1
             }
         };
@@ -685,7 +688,7 @@ fn total_cost(p: &mut Planner<'_>, observed: &Observed) {
     let Some(cost) = p.status.cost.as_mut() else {
         return;
     };
-    ledger::total(cost, &lost);
+    ledger::total(cost, &lost, p.ftj.spec.resources.gpu.is_some());
     let burn = observed
         .cost
         .as_ref()
@@ -1542,7 +1545,7 @@ mod tests {
         let plan = plan(&ftj, &observed, at(1_800));
         let cost = plan.status.cost.expect("cost");
         assert_eq!(cost.amount.as_str(), "1.80");
-        assert_eq!(cost.gpu_hours, "0.5000");
+        assert_eq!(cost.gpu_hours.as_deref(), Some("0.5000"));
         assert_eq!(
             cost.estimated_total.map(|m| m.to_string()).as_deref(),
             Some("3.60")
@@ -1655,7 +1658,7 @@ mod tests {
         let later = plan(&ftj, &second, at(5_500));
         let cost = later.status.cost.expect("cost");
         assert_eq!(cost.attempts.len(), 2);
-        assert_eq!(cost.gpu_hours, "1.5000");
+        assert_eq!(cost.gpu_hours.as_deref(), Some("1.5000"));
         assert_eq!(cost.amount.as_str(), "5.40");
     }
 
