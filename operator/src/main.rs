@@ -99,13 +99,20 @@ async fn main() -> anyhow::Result<()> {
             .init(),
     }
 
-    // In cluster: the pod's service account; out of cluster: KUBECONFIG or ~/.kube/config.
-    let client = kube::Client::try_default()
-        .await
-        .context("failed to build a Kubernetes client")?;
-
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
+
+    // In cluster: the pod's service account; out of cluster: KUBECONFIG or ~/.kube/config.
+    // Every request it sends is counted (kubetune_api_requests_total).
+    let config = kube::Config::infer()
+        .await
+        .context("failed to find a Kubernetes configuration")?;
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("failed to build a Kubernetes client")?
+        .with_layer(&kubetune_operator::metrics::counting_layer(
+            metrics.api_requests.clone(),
+        ))
+        .build();
     let shared = Arc::new(Shared {
         registry,
         ready: AtomicBool::new(false),

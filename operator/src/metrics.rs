@@ -31,6 +31,13 @@ pub struct FailureLabels {
     pub category: &'static str,
 }
 
+/// Labels of a request to the Kubernetes API.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The HTTP method: GET (get, list, watch), POST, PUT, PATCH, DELETE.
+    pub method: String,
+}
+
 /// Labels of the jobs-by-phase gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
@@ -48,11 +55,31 @@ const PHASES: [Phase; 6] = [
     Phase::Suspended,
 ];
 
+/// A tower layer for kube's client that counts every request it sends in
+/// `kubetune_api_requests_total`.
+pub fn counting_layer(
+    requests: Family<RequestLabels, Counter>,
+) -> tower::util::MapRequestLayer<
+    impl Fn(http::Request<kube::client::Body>) -> http::Request<kube::client::Body> + Clone,
+> {
+    tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
+        requests
+            .get_or_create(&RequestLabels {
+                method: request.method().as_str().to_owned(),
+            })
+            .inc();
+        request
+    })
+}
+
 /// Every metric the operator exports.
 #[derive(Debug)]
 pub struct Metrics {
     /// Reconciles run.
     pub reconciles: Family<ControllerLabels, Counter>,
+    /// Requests the operator sent to the Kubernetes API, by method (a watch counts once
+    /// when it starts).
+    pub api_requests: Family<RequestLabels, Counter>,
     /// Reconciles that failed, by category.
     pub failures: Family<FailureLabels, Counter>,
     /// Reconcile duration in seconds.
@@ -98,6 +125,7 @@ impl Metrics {
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self {
             reconciles: Family::default(),
+            api_requests: Family::default(),
             failures: Family::default(),
             duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.001, 2.0, 14))
@@ -113,6 +141,11 @@ impl Metrics {
         };
         let registry = registry.sub_registry_with_prefix("kubetune");
         registry.register("reconciles", "Reconciles run", metrics.reconciles.clone());
+        registry.register(
+            "api_requests",
+            "Requests sent to the Kubernetes API, by HTTP method",
+            metrics.api_requests.clone(),
+        );
         registry.register(
             "reconcile_failures",
             "Reconciles that failed, by error category",
@@ -220,6 +253,35 @@ impl Metrics {
 mod tests {
     use super::*;
     use prometheus_client::encoding::text::encode;
+
+    #[tokio::test]
+    async fn the_counting_layer_counts_each_request_by_method() {
+        use tower::{Layer, Service, ServiceExt};
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let inner = tower::service_fn(|_: http::Request<kube::client::Body>| async {
+            Ok::<_, std::convert::Infallible>(())
+        });
+        let mut service = counting_layer(metrics.api_requests.clone()).layer(inner);
+        for method in [http::Method::GET, http::Method::GET, http::Method::PATCH] {
+            let request = http::Request::builder()
+                .method(method)
+                .uri("/api/v1/pods")
+                .body(kube::client::Body::empty())
+                .expect("a request");
+            service.ready().await.expect("ready");
+            service.call(request).await.expect("answered");
+        }
+        let count = |method: &str| {
+            metrics
+                .api_requests
+                .get_or_create(&RequestLabels {
+                    method: method.into(),
+                })
+                .get()
+        };
+        assert_eq!((count("GET"), count("PATCH"), count("PUT")), (2, 1, 0));
+    }
 
     #[test]
     fn reconciles_and_failures_are_counted_with_bounded_labels() {
