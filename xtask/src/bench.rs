@@ -1,23 +1,22 @@
 //! `cargo xtask bench operator`: many LoRA FineTuneJobs at once against the local
 //! cluster, and what the operator needs to handle them.
 //!
-//! It adds enough simulated A100 nodes for every job, starts the release build of the
-//! operator (one namespace, no leader election, metrics on a free loopback port),
-//! creates the jobs, and measures: the time until every trainer Job exists, until every
-//! pod is bound and until every job is Running; the operator's peak RSS; and, once
-//! everything runs, reconciles per job per minute (from the operator's own
-//! `kubetune_reconciles_total`). It removes what it added when it ends.
+//! This half sets the stage and cleans it up: enough simulated A100 nodes for every
+//! job, a namespace with its claims, and the release build of the operator (one
+//! namespace, no leader election, metrics on a free loopback port). The measuring half
+//! is the `bench_operator` example of kubetune-e2e (API clients, watches, retries),
+//! which prints the figures and their JSON line. Cleanup deletes what was added and
+//! waits for the namespace to go, retrying a busy API server.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::cluster::components::{free_port, http_get};
+use crate::cluster::components::free_port;
 use crate::cluster::nodes::{self, Pool};
 use crate::cluster::{self, Kubectl};
 
@@ -26,11 +25,6 @@ const NODE_PREFIX: &str = "bench-";
 /// Bench nodes' pod CIDRs start at this /24 of 127.64.0.0/16, above `cluster up`'s.
 const FIRST_NODE_INDEX: usize = 128;
 const GPUS_PER_NODE: u32 = 8;
-
-/// Targets on a 2-core machine (issue 4).
-const TARGET_JOBS_CREATED_S: f64 = 30.0;
-const TARGET_PEAK_RSS_MIB: f64 = 100.0;
-const TARGET_RECONCILES_PER_JOB_PER_MIN: f64 = 1.0;
 
 const USAGE: &str = "usage: cargo xtask bench operator [--jobs N] [--steady-seconds S]
 
@@ -80,22 +74,38 @@ pub fn operator(root: &Path, args: &[&str]) -> Result<()> {
     let options = parse(args)?;
     let kubectl = cluster::connect()?;
 
-    println!("==> building the operator (release)");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(root)
-        .args(["build", "--release", "-p", "kubetune-operator"])
-        .status()
-        .context("failed to run cargo build")?;
-    if !status.success() {
-        bail!("building the operator failed ({status})");
+    println!("==> building the operator (release) and the measurement");
+    for args in [
+        &["build", "--release", "-p", "kubetune-operator"][..],
+        &["build", "-p", "kubetune-e2e", "--example", "bench_operator"][..],
+    ] {
+        let status = crate::cargo()
+            .current_dir(root)
+            .args(args)
+            .status()
+            .context("failed to run cargo build")?;
+        if !status.success() {
+            bail!("cargo {} failed ({status})", args.join(" "));
+        }
     }
     let binary = crate::target_dir(root).join("release/kubetune-operator");
+    let measure = crate::target_dir(root).join("debug/examples/bench_operator");
 
     let bench = Bench {
         kubectl: &kubectl,
         nodes: options.jobs.div_ceil(GPUS_PER_NODE as usize),
     };
-    let result = bench.run(root, &binary, &options);
+    let result = bench.run(root, &binary, &measure, &options);
+    if let Err(error) = &result {
+        // The measurement prints its JSON line itself; a failure before it starts
+        // still leaves one.
+        if !error.to_string().starts_with("the measurement failed") {
+            println!(
+                "{}",
+                json!({ "jobs": options.jobs, "error": format!("{error:#}") })
+            );
+        }
+    }
     println!("==> cleaning up");
     if let Err(error) = bench.clean_up() {
         eprintln!("warning: cleaning up the benchmark failed: {error:#}");
@@ -122,43 +132,8 @@ impl Drop for Operator {
     }
 }
 
-impl Operator {
-    /// Peak and current resident memory, in MiB, from /proc.
-    fn memory_mib(&self) -> Result<(f64, f64)> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .context("the operator exited")?;
-        let field = |name: &str| -> Result<f64> {
-            let line = status
-                .lines()
-                .find(|line| line.starts_with(name))
-                .with_context(|| format!("no {name} in /proc/<pid>/status"))?;
-            let kib: f64 = line
-                .split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse().ok())
-                .with_context(|| format!("unreadable {line:?}"))?;
-            Ok(kib / 1024.0)
-        };
-        Ok((field("VmHWM:")?, field("VmRSS:")?))
-    }
-
-    /// `kubetune_reconciles_total{controller="finetunejob"}`.
-    fn reconciles(&self) -> Result<f64> {
-        let (code, body) = http_get(self.metrics_port, "/metrics")
-            .context("the operator's /metrics does not answer")?;
-        if code != 200 {
-            bail!("/metrics answered {code}");
-        }
-        body.lines()
-            .find(|line| line.starts_with("kubetune_reconciles_total{controller=\"finetunejob\"}"))
-            .and_then(|line| line.split_whitespace().last())
-            .and_then(|value| value.parse().ok())
-            .context("no kubetune_reconciles_total in /metrics")
-    }
-}
-
 impl Bench<'_> {
-    fn run(&self, root: &Path, binary: &Path, options: &Options) -> Result<()> {
+    fn run(&self, root: &Path, binary: &Path, measure: &Path, options: &Options) -> Result<()> {
         let jobs = options.jobs;
         println!(
             "==> {} simulated nodes of {GPUS_PER_NODE} A100s, namespace {NAMESPACE}",
@@ -169,80 +144,46 @@ impl Bench<'_> {
             gpus: GPUS_PER_NODE,
             product: "NVIDIA-A100-SXM4-80GB".into(),
         }];
-        self.kubectl.run(
-            "create the benchmark's nodes",
-            &["create", "-f", "-"],
-            Some(&nodes::manifests_at(&pools, NODE_PREFIX, FIRST_NODE_INDEX)),
-        )?;
-        self.kubectl.run(
-            "create the benchmark's namespace and claims",
-            &["create", "-f", "-"],
-            Some(&storage_manifests()),
-        )?;
+        let nodes = nodes::manifests_at(&pools, NODE_PREFIX, FIRST_NODE_INDEX);
+        retry("create the benchmark's nodes", || {
+            self.kubectl.run(
+                "create the benchmark's nodes",
+                &["apply", "-f", "-"],
+                Some(&nodes),
+            )
+        })?;
+        let storage = storage_manifests();
+        retry("create the benchmark's namespace and claims", || {
+            self.kubectl.run(
+                "create the benchmark's namespace and claims",
+                &["apply", "-f", "-"],
+                Some(&storage),
+            )
+        })?;
 
         let operator = self.start_operator(root, binary)?;
-        let manifests = job_manifests(root, jobs)?;
         std::thread::sleep(Duration::from_secs(2));
-
-        println!("==> creating {jobs} FineTuneJobs");
-        let started = Instant::now();
-        self.create_in_parallel(&manifests, 4)?;
-        let created = started.elapsed();
-        println!("    created in {:.1}s", created.as_secs_f64());
-
-        let jobs_created = self.wait_for_count("trainer Jobs", jobs, started, || {
-            self.count(&["get", "jobs.batch", "-o", "name"], |line| {
-                !line.is_empty()
-            })
-        })?;
-        let pods_bound = self.wait_for_count("bound trainer pods", jobs, started, || {
-            self.count(
-                &[
-                    "get",
-                    "pods",
-                    "-o",
-                    "jsonpath={range .items[*]}{.spec.nodeName}{\"\\n\"}{end}",
-                ],
-                |line| !line.is_empty(),
-            )
-        })?;
-        let all_running = self.wait_for_count("Running FineTuneJobs", jobs, started, || {
-            self.count(
-                &[
-                    "get",
-                    "finetunejobs",
-                    "-o",
-                    "jsonpath={range .items[*]}{.status.phase}{\"\\n\"}{end}",
-                ],
-                |line| line == "Running",
-            )
-        })?;
-
-        // Let the last status writes and the first progress reads settle, then count.
-        std::thread::sleep(Duration::from_secs(30));
-        let before = operator.reconciles()?;
-        let window = Instant::now();
-        println!(
-            "==> counting reconciles for {}s at steady state",
-            options.steady.as_secs()
-        );
-        std::thread::sleep(options.steady);
-        let after = operator.reconciles()?;
-        let minutes = window.elapsed().as_secs_f64() / 60.0;
-        let rate = (after - before) / jobs as f64 / minutes;
-        let (peak_rss, rss) = operator.memory_mib()?;
-
-        let figures = Figures {
-            jobs,
-            finetunejobs_created_s: created.as_secs_f64(),
-            jobs_created_s: jobs_created.as_secs_f64(),
-            pods_bound_s: pods_bound.as_secs_f64(),
-            all_running_s: all_running.as_secs_f64(),
-            peak_rss_mib: peak_rss,
-            rss_mib: rss,
-            reconciles_per_job_per_min: rate,
-        };
-        figures.print();
+        let status = Command::new(measure)
+            .current_dir(root)
+            .env("KUBECONFIG", self.kubectl.kubeconfig())
+            .args([
+                "--namespace",
+                NAMESPACE,
+                "--jobs",
+                &jobs.to_string(),
+                "--steady-seconds",
+                &options.steady.as_secs().to_string(),
+                "--operator-pid",
+                &operator.pid.to_string(),
+                "--metrics-port",
+                &operator.metrics_port.to_string(),
+            ])
+            .status()
+            .with_context(|| format!("failed to run {}", measure.display()))?;
+        drop(operator);
+        if !status.success() {
+            bail!("the measurement failed ({status}); its figures so far are above");
+        }
         Ok(())
     }
 
@@ -280,105 +221,67 @@ impl Bench<'_> {
         })
     }
 
-    /// `kubectl create` of `manifests` split over `parallel` processes.
-    fn create_in_parallel(&self, manifests: &[String], parallel: usize) -> Result<()> {
-        let chunk = manifests.len().div_ceil(parallel);
-        let children = manifests
-            .chunks(chunk)
-            .map(|docs| {
-                let mut command = self.kubectl.command();
-                command
-                    .args(["create", "-f", "-", "-o", "name"])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped());
-                let mut child = command.spawn().context("failed to run kubectl")?;
-                let input = docs.join("---\n");
-                let mut pipe = child.stdin.take().context("kubectl's stdin")?;
-                let writer = std::thread::spawn(move || {
-                    use std::io::Write;
-                    pipe.write_all(input.as_bytes())
-                });
-                Ok((child, writer))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        for (child, writer) in children {
-            writer
-                .join()
-                .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?
-                .context("failed to write to kubectl")?;
-            let output = child.wait_with_output()?;
-            if !output.status.success() {
-                bail!(
-                    "kubectl create failed: {}",
-                    String::from_utf8_lossy(&output.stderr).trim()
-                );
-            }
-        }
-        Ok(())
-    }
-
-    fn count(&self, args: &[&str], matches: impl Fn(&str) -> bool) -> Result<usize> {
-        let mut full = vec!["--namespace", NAMESPACE];
-        full.extend_from_slice(args);
-        let out = self.kubectl.run("list benchmark objects", &full, None)?;
-        Ok(out.lines().map(str::trim).filter(|l| matches(l)).count())
-    }
-
-    /// Polls `count` until it reaches `want`; the time since `started`.
-    fn wait_for_count(
-        &self,
-        what: &str,
-        want: usize,
-        started: Instant,
-        count: impl Fn() -> Result<usize>,
-    ) -> Result<Duration> {
-        let deadline = started + Duration::from_secs(600);
-        loop {
-            let have = count()?;
-            if have >= want {
-                let elapsed = started.elapsed();
-                println!("    {want} {what} after {:.1}s", elapsed.as_secs_f64());
-                return Ok(elapsed);
-            }
-            if Instant::now() > deadline {
-                bail!("only {have} of {want} {what} after 10 minutes");
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-
+    /// Deletes what the benchmark added and waits for the namespace to be gone, so the
+    /// next run starts clean; a busy API server is retried, not given up on.
     fn clean_up(&self) -> Result<()> {
         let mut failures = Vec::new();
-        for args in [
-            vec![
-                "delete",
-                "namespace",
-                NAMESPACE,
-                "--wait=false",
-                "--ignore-not-found",
-            ],
-            vec![
-                "delete",
-                "persistentvolumes",
-                "--selector=kubetune.io/bench=true",
-                "--wait=false",
-            ],
-        ] {
-            if let Err(error) = self.kubectl.run("clean up", &args, None) {
-                failures.push(format!("{error:#}"));
-            }
-        }
         let names: Vec<String> = (0..self.nodes)
             .map(|i| format!("{NODE_PREFIX}a100-sxm4-80gb-{i}"))
             .collect();
-        let mut args = vec!["delete", "nodes", "--ignore-not-found", "--wait=false"];
-        args.extend(names.iter().map(String::as_str));
-        if let Err(error) = self
-            .kubectl
-            .run("delete the benchmark's nodes", &args, None)
-        {
-            failures.push(format!("{error:#}"));
+        let mut nodes = vec!["delete", "nodes", "--ignore-not-found", "--wait=false"];
+        nodes.extend(names.iter().map(String::as_str));
+        let steps: [(&str, Vec<&str>); 3] = [
+            (
+                "delete the benchmark's namespace",
+                vec![
+                    "delete",
+                    "namespace",
+                    NAMESPACE,
+                    "--wait=false",
+                    "--ignore-not-found",
+                ],
+            ),
+            (
+                "delete the benchmark's volumes",
+                vec![
+                    "delete",
+                    "persistentvolumes",
+                    "--selector=kubetune.io/bench=true",
+                    "--wait=false",
+                ],
+            ),
+            ("delete the benchmark's nodes", nodes),
+        ];
+        for (what, args) in &steps {
+            if let Err(error) = retry(what, || self.kubectl.run(what, args, None)) {
+                failures.push(format!("{error:#}"));
+            }
+        }
+        // The namespace goes once its thousand FineTuneJobs, Jobs and pods are gone.
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let left = self.kubectl.run(
+                "look for the benchmark's namespace",
+                &[
+                    "get",
+                    "namespace",
+                    NAMESPACE,
+                    "--ignore-not-found",
+                    "-o",
+                    "name",
+                ],
+                None,
+            );
+            match left {
+                Ok(out) if out.trim().is_empty() => break,
+                _ if Instant::now() > deadline => {
+                    failures.push(format!(
+                        "namespace {NAMESPACE} still exists after 10 minutes"
+                    ));
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_secs(2)),
+            }
         }
         if failures.is_empty() {
             Ok(())
@@ -386,6 +289,26 @@ impl Bench<'_> {
             bail!("{}", failures.join("\n"))
         }
     }
+}
+
+/// `step`, tried up to five times with a growing pause: a loaded API server times out
+/// now and then.
+fn retry<T>(what: &str, step: impl Fn() -> Result<T>) -> Result<T> {
+    let mut pause = Duration::from_secs(1);
+    for _ in 1..5 {
+        match step() {
+            Ok(value) => return Ok(value),
+            Err(error) => {
+                eprintln!(
+                    "warning: {what} failed, retrying in {}s: {error:#}",
+                    pause.as_secs()
+                );
+                std::thread::sleep(pause);
+                pause *= 2;
+            }
+        }
+    }
+    step()
 }
 
 /// The namespace and the three claims the example names, pre-bound to volumes.
@@ -408,123 +331,9 @@ fn storage_manifests() -> String {
     out
 }
 
-/// `examples/lora-a100.yaml` `jobs` times, as JSON documents (YAML is a superset), with
-/// pods that run until deleted.
-fn job_manifests(root: &Path, jobs: usize) -> Result<Vec<String>> {
-    let path = root.join("examples/lora-a100.yaml");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("failed to read {}", path.display()))?;
-    let example: Value =
-        serde_yaml::from_str(&text).with_context(|| format!("{} is not YAML", path.display()))?;
-    (0..jobs)
-        .map(|i| {
-            let mut ftj = example.clone();
-            ftj["metadata"] = json!({ "name": format!("bench-{i:04}"), "namespace": NAMESPACE });
-            ftj["spec"]["podMetadata"] = json!({
-                "annotations": { "sim.kubetune.io/outcome": "run" }
-            });
-            Ok(serde_json::to_string(&ftj)? + "\n")
-        })
-        .collect()
-}
-
-struct Figures {
-    jobs: usize,
-    finetunejobs_created_s: f64,
-    jobs_created_s: f64,
-    pods_bound_s: f64,
-    all_running_s: f64,
-    peak_rss_mib: f64,
-    rss_mib: f64,
-    reconciles_per_job_per_min: f64,
-}
-
-impl Figures {
-    fn print(&self) {
-        println!();
-        println!(
-            "{:<40} {:>10} {:>10} {:>8}",
-            "figure", "measured", "target", "ratio"
-        );
-        let row = |name: &str, value: f64, target: Option<f64>| match target {
-            Some(target) => println!(
-                "{name:<40} {value:>10.2} {target:>10.2} {:>8.2}",
-                value / target
-            ),
-            None => println!("{name:<40} {value:>10.2} {:>10} {:>8}", "-", "-"),
-        };
-        row(
-            "FineTuneJobs created (s)",
-            self.finetunejobs_created_s,
-            None,
-        );
-        row(
-            "every trainer Job exists (s)",
-            self.jobs_created_s,
-            Some(TARGET_JOBS_CREATED_S),
-        );
-        row("every pod bound (s)", self.pods_bound_s, None);
-        row("every job Running (s)", self.all_running_s, None);
-        row(
-            "operator peak RSS (MiB)",
-            self.peak_rss_mib,
-            Some(TARGET_PEAK_RSS_MIB),
-        );
-        row("operator RSS at the end (MiB)", self.rss_mib, None);
-        row(
-            "reconciles per job per minute",
-            self.reconciles_per_job_per_min,
-            Some(TARGET_RECONCILES_PER_JOB_PER_MIN),
-        );
-        let json: BTreeMap<&str, Value> = BTreeMap::from([
-            ("jobs", json!(self.jobs)),
-            ("finetunejobs_created_s", round(self.finetunejobs_created_s)),
-            ("jobs_created_s", round(self.jobs_created_s)),
-            ("pods_bound_s", round(self.pods_bound_s)),
-            ("all_running_s", round(self.all_running_s)),
-            ("peak_rss_mib", round(self.peak_rss_mib)),
-            ("rss_mib", round(self.rss_mib)),
-            (
-                "reconciles_per_job_per_min",
-                round(self.reconciles_per_job_per_min),
-            ),
-            (
-                "jobs_created_target_ratio",
-                round(self.jobs_created_s / TARGET_JOBS_CREATED_S),
-            ),
-            (
-                "peak_rss_target_ratio",
-                round(self.peak_rss_mib / TARGET_PEAK_RSS_MIB),
-            ),
-        ]);
-        println!("{}", json!(json));
-    }
-}
-
-fn round(value: f64) -> Value {
-    json!((value * 100.0).round() / 100.0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn job_manifests_are_the_example_renamed_with_running_pods() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("root");
-        let docs = job_manifests(root, 3).expect("renders");
-        assert_eq!(docs.len(), 3);
-        let last: Value = serde_json::from_str(&docs[2]).expect("JSON");
-        assert_eq!(last["metadata"]["name"], "bench-0002");
-        assert_eq!(last["metadata"]["namespace"], NAMESPACE);
-        assert_eq!(last["spec"]["method"], "lora");
-        assert_eq!(
-            last["spec"]["podMetadata"]["annotations"]["sim.kubetune.io/outcome"],
-            "run"
-        );
-    }
 
     #[test]
     fn options_bound_the_job_count() {
