@@ -9,9 +9,11 @@
 //! builders and waits; `serving` the tiny model, adapters and real adapter servers
 //! of the AdapterDeployment tests and the rollout benchmark; `flow` kubetune's whole
 //! job on the real node, for the end-to-end test and `cargo xtask demo`; `demo` the
-//! demos' fact and status lines.
+//! demos' fact and status lines; `jobs` FineTuneJobs on the simulated nodes with
+//! an in-process operator.
 
 pub mod demo;
 pub mod flow;
+pub mod jobs;
 pub mod serving;
 pub mod test_support;

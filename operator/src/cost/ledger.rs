@@ -114,6 +114,24 @@ pub fn accrue(
     rates
 }
 
+/// [`accrue`] for an attempt whose pods have all ended and are all seen: its figures
+/// are recomputed from their timestamps exactly, also downwards. A reconcile that saw a
+/// pod still running after it had ended (the cache lags) accrued up to its own clock;
+/// the ledger keeps growing figures otherwise, so only this corrects that. Within one
+/// pricing period only: across a price table change the figures stay as settled.
+pub fn accrue_complete(
+    entry: &mut AttemptCost,
+    pods: &[PodUsage],
+    version: &str,
+    now: Timestamp,
+) -> BTreeMap<String, Rate> {
+    if entry.price_table == version {
+        entry.set_usage_seconds(entry.settled_seconds);
+        entry.rate_seconds = entry.settled_rate_seconds;
+    }
+    accrue(entry, pods, version, now)
+}
+
 /// Rate-seconds per second of the pods running now: the burn rate.
 pub fn burn_rate(pods: &[PodUsage]) -> u64 {
     pods.iter()
@@ -328,6 +346,17 @@ mod tests {
         assert_eq!((cost.gpu_hours, cost.lost_gpu_hours), (None, None));
         // 2 core-hours × 0.05
         assert_eq!(cost.amount.as_str(), "0.10");
+    }
+
+    #[test]
+    fn a_pod_seen_running_after_it_ended_is_corrected_once_it_is_seen_ended() {
+        let mut e = entry(1, true);
+        // The cache still shows the pod running at 610 s; it ended at 600 s.
+        accrue(&mut e, &[pod(Some(0), None, 1, 34_000)], "v1", at(610));
+        assert_eq!(e.usage_seconds(), 610);
+        accrue_complete(&mut e, &[pod(Some(0), Some(600), 1, 34_000)], "v1", at(620));
+        assert_eq!(e.usage_seconds(), 600);
+        assert_eq!(e.rate_seconds, 600 * 34_000);
     }
 
     #[test]

@@ -590,12 +590,18 @@ fn account(p: &mut Planner<'_>, observed: &Observed) -> bool {
                 cost.attempts.len() - 1
             }
         };
-        let rates = ledger::accrue(
-            &mut cost.attempts[index],
-            &inputs.pods,
-            &table.version,
-            p.now,
-        );
+        // Every pod of the attempt seen, and each ended (or never ran): exact figures.
+        let pods = &inputs.pods;
+        let complete = pods.len() >= p.ftj.spec.resources.nodes as usize
+            && pods
+                .iter()
+                .all(|pod| pod.ended.is_some() || pod.running_since.is_none());
+        let accrue = if complete {
+            ledger::accrue_complete
+        } else {
+            ledger::accrue
+        };
+        let rates = accrue(&mut cost.attempts[index], pods, &table.version, p.now);
         cost.rates.extend(ledger::rate_strings(&rates));
     }
     let accrued = ledger::cents(ledger::rate_seconds(&cost));

@@ -1,0 +1,285 @@
+//! The operator under faults, each test with the figures it measured.
+//!
+//! The operator here runs in-process and is "killed" by aborting its task: its
+//! in-flight requests are dropped mid-way and nothing is flushed, as when its pod is
+//! OOM-killed or its node goes. Its own test binary, so that the 200 jobs have the
+//! cluster's simulated GPUs to themselves.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, ensure};
+use futures::{StreamExt, TryStreamExt, stream};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
+use kube::api::{Api, ListParams, PostParams};
+use kube::core::ObjectMeta;
+use kubetune_crds::finetunejob::{FineTuneJob, Phase};
+use kubetune_e2e::cluster_or_skip;
+use kubetune_e2e::jobs::{create_prices, example, namespace, start_pricing_operator};
+
+const JOBS: usize = 200;
+const KILLS: usize = 20;
+
+/// On-demand and spot rates, in ten-thousandths per GPU-hour, of both products.
+const PRICES: &str = "currency: USD\n\
+gpuHourly:\n  NVIDIA-A100-SXM4-80GB: {onDemand: \"3.60\", spot: \"1.80\"}\n  \
+NVIDIA-H100-80GB-HBM3: {onDemand: \"4.00\", spot: \"2.00\"}\n\
+defaultGpuHourly: {onDemand: \"4.00\", spot: \"2.00\"}\n";
+
+fn rate(product: &str, spot: bool) -> u64 {
+    match (product, spot) {
+        ("NVIDIA-A100-SXM4-80GB", false) => 36_000,
+        ("NVIDIA-A100-SXM4-80GB", true) => 18_000,
+        (_, false) => 40_000,
+        (_, true) => 20_000,
+    }
+}
+
+/// A small xorshift: the kill times vary from run to run, and the seed is printed so
+/// a failing run can be replayed.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+fn owned_by_a_job(meta: &ObjectMeta, jobs: &BTreeMap<String, String>) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|owner| owner.kind == "FineTuneJob" && jobs.get(&owner.name) == Some(&owner.uid))
+}
+
+#[tokio::test]
+async fn operator_killed_twenty_times_while_200_jobs_run_creates_each_job_once_and_counts_cost_once()
+-> Result<()> {
+    let cluster = cluster_or_skip!(
+        "operator_killed_twenty_times_while_200_jobs_run_creates_each_job_once_and_counts_cost_once"
+    );
+    let namespace = namespace(&cluster, "faults", &["models", "datasets", "adapters"]).await?;
+    create_prices(&namespace, PRICES).await?;
+    let ftjs: Api<FineTuneJob> = namespace.api();
+
+    // Half on A100s (32 of them: they run in waves), half on H100s.
+    let manifests = (0..JOBS)
+        .map(|i| {
+            let mut ftj = example(
+                "lora-a100.yaml",
+                &[("outcome", "succeed"), ("run-for", "6s")],
+            )?;
+            ftj.metadata.name = Some(format!("fault-{i:03}"));
+            if i % 2 == 1
+                && let Some(gpu) = ftj.spec.resources.gpu.as_mut()
+            {
+                gpu.product = "NVIDIA-H100-80GB-HBM3".into();
+            }
+            Ok(ftj)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let started = Instant::now();
+    stream::iter(manifests)
+        .map(|ftj| {
+            let ftjs = ftjs.clone();
+            async move { ftjs.create(&PostParams::default(), &ftj).await }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await?;
+
+    let seed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)?
+        .as_nanos() as u64
+        | 1;
+    eprintln!("kill times from seed {seed}");
+    let mut random = Random(seed);
+    for _ in 0..KILLS {
+        let operator = start_pricing_operator(&cluster, &namespace);
+        tokio::time::sleep(Duration::from_millis(300 + random.next(2_700))).await;
+        drop(operator);
+        tokio::time::sleep(Duration::from_millis(random.next(1_000))).await;
+    }
+    let killed_after = started.elapsed();
+    let _operator = start_pricing_operator(&cluster, &namespace);
+
+    let deadline = Instant::now() + Duration::from_secs(420);
+    let done = loop {
+        let list = ftjs.list(&ListParams::default()).await?.items;
+        let succeeded = list
+            .iter()
+            .filter(|f| {
+                f.status
+                    .as_ref()
+                    .is_some_and(|s| s.phase == Phase::Succeeded)
+            })
+            .count();
+        if succeeded == JOBS {
+            break list;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{succeeded} of {JOBS} jobs Succeeded after {} s",
+            started.elapsed().as_secs()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    let all_done = started.elapsed();
+
+    let uids: BTreeMap<String, String> = done
+        .iter()
+        .map(|f| {
+            (
+                f.metadata.name.clone().unwrap_or_default(),
+                f.metadata.uid.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let jobs: Vec<Job> = namespace
+        .api::<Job>()
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let config_maps: Vec<ConfigMap> = namespace
+        .api::<ConfigMap>()
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let services: Vec<Service> = namespace
+        .api::<Service>()
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let pods: Vec<Pod> = namespace
+        .api::<Pod>()
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let spot_nodes: BTreeSet<String> = nodes
+        .list(&ListParams::default().labels("karpenter.sh/capacity-type=spot"))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+
+    // Exactly one Job per FineTuneJob, one attempt each, and no child without its owner.
+    let mut per_owner: BTreeMap<String, usize> = BTreeMap::new();
+    for job in &jobs {
+        for owner in job.metadata.owner_references.iter().flatten() {
+            *per_owner.entry(owner.name.clone()).or_default() += 1;
+        }
+    }
+    let duplicates: Vec<_> = per_owner.iter().filter(|(_, n)| **n > 1).collect();
+    let restarted: Vec<_> = done
+        .iter()
+        .filter(|f| {
+            f.status
+                .as_ref()
+                .is_some_and(|s| s.attempts.len() != 1 || s.restarts != 0)
+        })
+        .filter_map(|f| f.metadata.name.clone())
+        .collect();
+    let orphans: Vec<String> = jobs
+        .iter()
+        .map(|j| &j.metadata)
+        .chain(
+            config_maps
+                .iter()
+                .map(|c| &c.metadata)
+                .filter(|m| !matches!(m.name.as_deref(), Some("prices" | "kube-root-ca.crt"))),
+        )
+        .chain(services.iter().map(|s| &s.metadata))
+        .filter(|meta| !owned_by_a_job(meta, &uids))
+        .filter_map(|meta| meta.name.clone())
+        .collect();
+
+    // Cost: each job's ledger is its pod's running time at its node's rate, once.
+    let mut miscounted = Vec::new();
+    for ftj in &done {
+        let name = ftj.metadata.name.clone().unwrap_or_default();
+        let job = format!("{name}-a1");
+        let pod = pods
+            .iter()
+            .find(|p| {
+                p.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("batch.kubernetes.io/job-name"))
+                    == Some(&job)
+            })
+            .with_context(|| format!("the pod of {job}"))?;
+        let terminated = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|cs| cs.first())
+            .and_then(|c| c.state.as_ref()?.terminated.clone())
+            .with_context(|| format!("{job}'s trainer terminated"))?;
+        let seconds = u64::try_from(
+            terminated.finished_at.context("finishedAt")?.0.as_second()
+                - terminated.started_at.context("startedAt")?.0.as_second(),
+        )?;
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        let product = ftj
+            .spec
+            .resources
+            .gpu
+            .as_ref()
+            .map(|g| g.product.as_str())
+            .unwrap_or("");
+        let want = seconds * rate(product, spot_nodes.contains(&node));
+        let cost = ftj.status.as_ref().and_then(|s| s.cost.as_ref());
+        let got = cost.map(|c| {
+            (
+                c.attempts.len(),
+                c.attempts
+                    .first()
+                    .map(|a| (a.usage_seconds(), a.rate_seconds)),
+            )
+        });
+        if got != Some((1, Some((seconds, want)))) {
+            miscounted.push(format!("{name}: {got:?}, pod ran {seconds} s on {node}"));
+        }
+    }
+
+    eprintln!(
+        "{JOBS} jobs, operator killed {KILLS} times in the first {:.1} s; all Succeeded after \
+         {:.1} s; duplicate Jobs {}, restarted jobs {}, orphans {}, miscounted costs {}",
+        killed_after.as_secs_f64(),
+        all_done.as_secs_f64(),
+        duplicates.len(),
+        restarted.len(),
+        orphans.len(),
+        miscounted.len()
+    );
+    ensure!(
+        jobs.len() == JOBS,
+        "{} Jobs for {JOBS} FineTuneJobs",
+        jobs.len()
+    );
+    ensure!(duplicates.is_empty(), "duplicate Jobs: {duplicates:?}");
+    ensure!(
+        restarted.is_empty(),
+        "jobs restarted by the kills: {restarted:?}"
+    );
+    ensure!(
+        orphans.is_empty(),
+        "children without their FineTuneJob: {orphans:?}"
+    );
+    ensure!(
+        miscounted.is_empty(),
+        "cost not counted once:\n{}",
+        miscounted.join("\n")
+    );
+    Ok(())
+}
