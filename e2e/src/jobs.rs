@@ -21,6 +21,13 @@ use crate::test_support::{Cluster, TestNamespace, workspace_root};
 #[derive(Debug)]
 pub struct Operator(tokio::task::JoinHandle<()>);
 
+impl Operator {
+    /// Whether its task ended (it should run until dropped).
+    pub fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+}
+
 impl Drop for Operator {
     fn drop(&mut self) {
         self.0.abort();

@@ -3,9 +3,11 @@
 //! The operator here runs in-process and is "killed" by aborting its task: its
 //! in-flight requests are dropped mid-way and nothing is flushed, as when its pod is
 //! OOM-killed or its node goes. Its own test binary, so that the 200 jobs have the
-//! cluster's simulated GPUs to themselves.
+//! cluster's simulated GPUs to themselves, and its tests take turns ([`SERIAL`]): one
+//! of them pauses the API server.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, ensure};
@@ -16,7 +18,14 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::core::ObjectMeta;
 use kubetune_crds::finetunejob::{FineTuneJob, Phase};
 use kubetune_e2e::cluster_or_skip;
-use kubetune_e2e::jobs::{create_prices, example, namespace, start_pricing_operator};
+use kubetune_e2e::jobs::{
+    create_prices, example, namespace, start_operator, start_pricing_operator,
+};
+use kubetune_e2e::test_support::{state_dir, wait_for};
+use kubetune_operator::server::{self, Shared};
+
+/// The tests of this binary run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const JOBS: usize = 200;
 const KILLS: usize = 20;
@@ -62,6 +71,7 @@ async fn operator_killed_twenty_times_while_200_jobs_run_creates_each_job_once_a
     let cluster = cluster_or_skip!(
         "operator_killed_twenty_times_while_200_jobs_run_creates_each_job_once_and_counts_cost_once"
     );
+    let _turn = SERIAL.lock().await;
     let namespace = namespace(&cluster, "faults", &["models", "datasets", "adapters"]).await?;
     create_prices(&namespace, PRICES).await?;
     let ftjs: Api<FineTuneJob> = namespace.api();
@@ -280,6 +290,163 @@ async fn operator_killed_twenty_times_while_200_jobs_run_creates_each_job_once_a
         miscounted.is_empty(),
         "cost not counted once:\n{}",
         miscounted.join("\n")
+    );
+    Ok(())
+}
+
+/// The kube-apiserver's pid, from the state `cargo xtask cluster up` keeps.
+fn apiserver_pid() -> Result<u32> {
+    let path = state_dir()
+        .context("no cluster state directory")?
+        .join("state.json");
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    state["processes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "kube-apiserver")
+        .and_then(|p| p["pid"].as_u64())
+        .and_then(|pid| u32::try_from(pid).ok())
+        .with_context(|| format!("no kube-apiserver in {}", path.display()))
+}
+
+fn signal(pid: u32, signal: &str) -> Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()?;
+    ensure!(status.success(), "kill -{signal} {pid}: {status}");
+    Ok(())
+}
+
+/// Resumes the API server when dropped, whatever the test did meanwhile.
+struct Paused(u32);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = signal(self.0, "CONT");
+    }
+}
+
+/// Polls `shared`'s readiness until it is `ready`: the seconds it took.
+async fn readiness_becomes(shared: &Shared, ready: bool, within: Duration) -> Result<f64> {
+    let started = Instant::now();
+    while (shared.readiness().0.is_success()) != ready {
+        ensure!(
+            started.elapsed() < within,
+            "readiness still {:?} after {} s",
+            shared.readiness(),
+            within.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+#[tokio::test]
+async fn api_server_paused_for_60_s_makes_the_operator_unready_and_it_recovers_by_itself()
+-> Result<()> {
+    let cluster = cluster_or_skip!(
+        "api_server_paused_for_60_s_makes_the_operator_unready_and_it_recovers_by_itself"
+    );
+    let _turn = SERIAL.lock().await;
+    let namespace = namespace(
+        &cluster,
+        "apiserver-pause",
+        &["models", "datasets", "adapters"],
+    )
+    .await?;
+    let ftjs: Api<FineTuneJob> = namespace.api();
+    let operator = start_operator(&cluster, &namespace);
+    let shared = Arc::new(Shared::new(Default::default()));
+    shared
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let probe = tokio::spawn(server::probe_api(
+        cluster.client.clone(),
+        shared.clone(),
+        Duration::from_secs(1),
+    ));
+    readiness_becomes(&shared, true, Duration::from_secs(30)).await?;
+    let mut before = example("lora-a100.yaml", &[("outcome", "run")])?;
+    before.metadata.name = Some("before".into());
+    ftjs.create(&PostParams::default(), &before).await?;
+    wait_for(&ftjs, "before", Duration::from_secs(90), |f| {
+        f.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
+    })
+    .await?;
+
+    let pid = apiserver_pid()?;
+    signal(pid, "STOP")?;
+    let paused = Paused(pid);
+    let unready_after = readiness_becomes(&shared, false, Duration::from_secs(20)).await?;
+    tokio::time::sleep(
+        Duration::from_secs(60).saturating_sub(Duration::from_secs_f64(unready_after)),
+    )
+    .await;
+    ensure!(
+        !shared.readiness().0.is_success(),
+        "ready while the API server is paused"
+    );
+    drop(paused);
+    let resumed = Instant::now();
+    let ready_after = readiness_becomes(&shared, true, Duration::from_secs(60)).await?;
+
+    // The same operator, never restarted, picks up a job created after the outage.
+    let mut after = example("lora-a100.yaml", &[("outcome", "run")])?;
+    after.metadata.name = Some("after".into());
+    ftjs.create(&PostParams::default(), &after).await?;
+    wait_for(&ftjs, "after", Duration::from_secs(120), |f| {
+        f.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
+    })
+    .await?;
+    let recovered_after = resumed.elapsed().as_secs_f64();
+    ensure!(
+        !operator.is_finished(),
+        "the operator stopped during the outage"
+    );
+    let still = ftjs.get("before").await?;
+    ensure!(
+        still
+            .status
+            .as_ref()
+            .is_some_and(|s| s.phase == Phase::Running && s.restarts == 0),
+        "the job that ran through the outage was disturbed: {:?}",
+        still.status.map(|s| (s.phase, s.restarts))
+    );
+    probe.abort();
+    // The node controller may have marked nodes unreachable when the server resumed;
+    // the tests after this one find them healthy again.
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let healthy = |node: &Node| {
+        !node
+            .spec
+            .iter()
+            .flat_map(|s| s.taints.iter().flatten())
+            .any(|t| {
+                matches!(
+                    t.key.as_str(),
+                    "node.kubernetes.io/unreachable" | "node.kubernetes.io/not-ready"
+                )
+            })
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !nodes
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .all(healthy)
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "nodes still tainted unreachable after 120 s"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    eprintln!(
+        "API server paused 60 s: unready after {unready_after:.1} s, ready {ready_after:.1} s \
+         after it resumed, a job created then Running {recovered_after:.1} s after it resumed; \
+         the running job kept its attempt (0 restarts)"
     );
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -113,11 +113,13 @@ async fn main() -> anyhow::Result<()> {
             metrics.api_requests.clone(),
         ))
         .build();
-    let shared = Arc::new(Shared {
-        registry,
-        ready: AtomicBool::new(false),
-    });
+    let shared = Arc::new(Shared::new(registry));
     let server = tokio::spawn(server::serve(flags.metrics_addr, shared.clone()));
+    tokio::spawn(server::probe_api(
+        client.clone(),
+        shared.clone(),
+        Duration::from_secs(5),
+    ));
 
     // Ready means able to serve: a follower is ready too, waiting for the Lease.
     shared.ready.store(true, Ordering::Relaxed);

@@ -1,9 +1,15 @@
 //! The operator's HTTP endpoints: `/healthz` (the process is alive), `/readyz` (the
-//! controllers are running) and `/metrics` (Prometheus text).
+//! controllers are running and the Kubernetes API server answers) and `/metrics`
+//! (Prometheus text).
+//!
+//! An API server that stops answering makes the operator unready, not unhealthy: its
+//! watches resume by themselves when the server is back, so a restart would only lose
+//! its caches.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -20,6 +26,56 @@ pub struct Shared {
     pub registry: Registry,
     /// Set once the controllers run.
     pub ready: AtomicBool,
+    /// Whether the API server answered the last probe ([`probe_api`]).
+    pub api_reachable: AtomicBool,
+}
+
+impl Shared {
+    /// Endpoints over `registry`, not ready until the controllers run and the API
+    /// server answers.
+    pub fn new(registry: Registry) -> Self {
+        Self {
+            registry,
+            ready: AtomicBool::new(false),
+            api_reachable: AtomicBool::new(false),
+        }
+    }
+
+    /// What `/readyz` answers.
+    pub fn readiness(&self) -> (StatusCode, &'static str) {
+        if !self.ready.load(Ordering::Relaxed) {
+            (StatusCode::SERVICE_UNAVAILABLE, "controllers not started")
+        } else if !self.api_reachable.load(Ordering::Relaxed) {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the Kubernetes API server does not answer",
+            )
+        } else {
+            (StatusCode::OK, "ready")
+        }
+    }
+}
+
+/// How long a probe of the API server may take before it counts as unanswered.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Asks the API server for its version every `every`, recording in `shared` whether
+/// it answered within [`PROBE_TIMEOUT`]. Runs until the process ends.
+pub async fn probe_api(client: kube::Client, shared: Arc<Shared>, every: Duration) {
+    loop {
+        let answered = tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version())
+            .await
+            .is_ok_and(|version| version.is_ok());
+        let was = shared.api_reachable.swap(answered, Ordering::Relaxed);
+        if was != answered {
+            if answered {
+                tracing::info!("the Kubernetes API server answers again");
+            } else {
+                tracing::warn!("the Kubernetes API server does not answer: not ready");
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 /// The router of the health and metrics endpoints.
@@ -32,11 +88,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    if shared.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "controllers not started")
-    }
+    shared.readiness()
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
@@ -59,4 +111,25 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 pub async fn serve(address: SocketAddr, shared: Arc<Shared>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(address).await?;
     axum::serve(listener, router(shared)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_needs_the_controllers_and_an_answering_api_server() {
+        let shared = Shared::new(Registry::default());
+        assert_eq!(shared.readiness().0, StatusCode::SERVICE_UNAVAILABLE);
+        shared.ready.store(true, Ordering::Relaxed);
+        assert_eq!(
+            shared.readiness(),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the Kubernetes API server does not answer"
+            )
+        );
+        shared.api_reachable.store(true, Ordering::Relaxed);
+        assert_eq!(shared.readiness(), (StatusCode::OK, "ready"));
+    }
 }
