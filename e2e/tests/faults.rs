@@ -450,3 +450,72 @@ async fn api_server_paused_for_60_s_makes_the_operator_unready_and_it_recovers_b
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_trainer_pods_node_lost_restarts_the_job_as_a_new_attempt() -> Result<()> {
+    let cluster = cluster_or_skip!("a_trainer_pods_node_lost_restarts_the_job_as_a_new_attempt");
+    let _turn = SERIAL.lock().await;
+    let namespace = namespace(&cluster, "node-lost", &["models", "datasets", "adapters"]).await?;
+    let ftjs: Api<FineTuneJob> = namespace.api();
+    let _operator = start_operator(&cluster, &namespace);
+    let ftj = example("lora-a100.yaml", &[("outcome", "run")])?;
+    ftjs.create(&PostParams::default(), &ftj).await?;
+    wait_for(&ftjs, "support-lora", Duration::from_secs(90), |f| {
+        f.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
+    })
+    .await?;
+    let pods: Api<Pod> = namespace.api();
+    let first = pods
+        .list(&ListParams::default().labels("batch.kubernetes.io/job-name=support-lora-a1"))
+        .await?
+        .items;
+    let node_name = first
+        .first()
+        .and_then(|p| p.spec.as_ref()?.node_name.clone())
+        .context("the trainer pod is bound")?;
+
+    // The node goes away (a simulated node, deleted): kept to put back afterwards.
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let mut node = nodes.get(&node_name).await?;
+    nodes.delete(&node_name, &Default::default()).await?;
+    let lost = Instant::now();
+    let outcome = wait_for(&ftjs, "support-lora", Duration::from_secs(180), |f| {
+        f.status
+            .as_ref()
+            .is_some_and(|s| s.attempts.len() >= 2 && s.phase == Phase::Running)
+    })
+    .await;
+    let restarted_after = lost.elapsed().as_secs_f64();
+    node.metadata = ObjectMeta {
+        name: node.metadata.name.take(),
+        labels: node.metadata.labels.take(),
+        annotations: node.metadata.annotations.take(),
+        ..ObjectMeta::default()
+    };
+    node.status = None;
+    nodes.create(&PostParams::default(), &node).await?;
+
+    let status = outcome?.status.context("status")?;
+    let ended = &status.attempts[0];
+    ensure!(
+        ended.reason.as_deref() == Some("NodeLost"),
+        "attempt 1 ended with {:?} ({:?}), not NodeLost",
+        ended.reason,
+        ended.message
+    );
+    ensure!(status.restarts == 1, "restarts {}", status.restarts);
+    let second = pods
+        .list(&ListParams::default().labels("batch.kubernetes.io/job-name=support-lora-a2"))
+        .await?
+        .items;
+    let second_node = second
+        .first()
+        .and_then(|p| p.spec.as_ref()?.node_name.clone())
+        .context("attempt 2's pod is bound")?;
+    ensure!(second_node != node_name, "attempt 2 ran on the lost node");
+    eprintln!(
+        "node {node_name} lost: attempt 1 ended NodeLost, attempt 2 Running on {second_node} \
+         {restarted_after:.1} s after the node was deleted"
+    );
+    Ok(())
+}

@@ -136,9 +136,14 @@ pub fn job(job: &Job, pods: &[Pod]) -> ObservedJob {
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == type_ && c.status == "True"))
     };
+    let pods: Vec<ObservedPod> = pods.iter().map(pod).collect();
+    // The trainer Job has backoffLimit 0: its first failed pod fails it. That pod's
+    // failure is read as soon as it shows, while the pod exists: once the Job
+    // controller has counted it, it lets the pod go (PodGC deletes a lost node's pods
+    // at once), and a reconcile after that would know the Job failed but not why.
     let outcome = if has("Complete") {
         JobOutcome::Complete
-    } else if has("Failed") {
+    } else if has("Failed") || pods.iter().any(|pod| pod.failure.is_some()) {
         JobOutcome::Failed
     } else {
         JobOutcome::Active
@@ -148,7 +153,7 @@ pub fn job(job: &Job, pods: &[Pod]) -> ObservedJob {
         suspended: job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false),
         started: status.and_then(|s| s.start_time.as_ref()).map(|t| t.0),
         outcome,
-        pods: pods.iter().map(pod).collect(),
+        pods,
     }
 }
 
@@ -353,6 +358,33 @@ mod tests {
                 );
             assert_eq!(pod(&p).failure.expect("failed").class, class, "{reason}");
         }
+    }
+
+    #[test]
+    fn a_failed_pod_fails_its_job_before_the_job_controller_says_so() {
+        let mut lost = terminated(143, "Error", "");
+        lost.status
+            .as_mut()
+            .expect("status")
+            .conditions
+            .get_or_insert_with(Vec::new)
+            .push(
+                serde_json::from_value(json!({
+                    "type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC"
+                }))
+                .expect("condition"),
+            );
+        let active: Job = serde_json::from_value(json!({
+            "metadata": {"name": "support-lora-a1"},
+            "status": {"active": 1}
+        }))
+        .expect("a Job");
+        let observed = job(&active, &[lost]);
+        assert_eq!(observed.outcome, JobOutcome::Failed);
+        assert_eq!(
+            observed.pods[0].failure.as_ref().map(|f| f.class),
+            Some(FailureClass::NodeLost)
+        );
     }
 
     #[test]
