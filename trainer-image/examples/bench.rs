@@ -900,6 +900,8 @@ fn pytorch(root: &Path, python: &Path, args: &Args, batches: &[Vec<Vec<u32>>]) -
 }
 
 fn main() {
+    // What the trainer binary does first; the benchmark's worker measures the same.
+    kubetune_trainer::tune_allocator();
     let args = parse_args();
     if let Some(root) = &args.worker {
         // The child: train (or only load) and report.

@@ -139,6 +139,26 @@ pub const EXIT_INTERRUPTED: i32 = 143;
 /// Exit code for other (retryable) failures.
 pub const EXIT_RETRYABLE: i32 = 1;
 
+/// Keeps glibc's malloc from handing each large freed block back to the kernel.
+///
+/// A training step allocates and frees activations and gradients of tens of MiB; glibc
+/// serves blocks above its mmap threshold (dynamic, from 128 KiB) with fresh `mmap`s and
+/// `munmap`s them on free, so every step faulted in and zeroed its memory again: a
+/// profile of the LoRA benchmark spent a third of its time in the kernel (page faults,
+/// page clearing, memcg charging). The threshold is fixed at its maximum (32 MiB) and
+/// the heap's free top is returned only beyond 1 GiB. Measured on the benchmark (47.9M
+/// parameters, B=4, T=256, 2 cores): 262 → 402 tokens/s, peak RSS 1,849 → 1,875 MiB.
+/// Call it first thing in `main`, before threads start.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets malloc's tunables; called before other threads exist.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 /// The exit code for a failure (see the crate docs).
 pub fn exit_code(error: &Error) -> i32 {
     if error.is_invalid_input() {

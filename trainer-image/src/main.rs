@@ -7,6 +7,7 @@ use kubetune_trainer::cli::{Cli, Command, run_eval, run_import_gguf, run_train};
 use kubetune_trainer::{exit_code, write_termination_log};
 
 fn main() {
+    kubetune_trainer::tune_allocator();
     tracing_subscriber::fmt()
         .json()
         .with_writer(std::io::stderr)
