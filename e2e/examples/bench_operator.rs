@@ -188,50 +188,21 @@ async fn run(options: &Options, figures: &mut Figures) -> Result<()> {
     figures.lag_max_s = lags.last().copied();
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    figures.pods_bound_s = Some(
-        wait(
-            "bound trainer pods",
-            started,
-            || {
-                let pods = pods.clone();
-                async move {
-                    let params = ListParams::default();
-                    let list = retrying(|| pods.list(&params)).await?;
-                    Ok(list
-                        .items
-                        .iter()
-                        .filter(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_some()))
-                        .count())
-                }
-            },
-            options.jobs,
-        )
-        .await?,
-    );
-    figures.all_running_s = Some(
-        wait(
-            "Running FineTuneJobs",
-            started,
-            || {
-                let api = api.clone();
-                async move {
-                    let params = ListParams::default();
-                    let list = retrying(|| api.list(&params)).await?;
-                    Ok(list
-                        .items
-                        .iter()
-                        .filter(|f| {
-                            f.status
-                                .as_ref()
-                                .is_some_and(|s| s.phase == kubetune_crds::Phase::Running)
-                        })
-                        .count())
-                }
-            },
-            options.jobs,
-        )
-        .await?,
-    );
+    let bound = || {
+        count(&pods, |p: &Pod| {
+            p.spec.as_ref().is_some_and(|s| s.node_name.is_some())
+        })
+    };
+    figures.pods_bound_s = Some(wait("bound trainer pods", started, bound, options.jobs).await?);
+    let running = || {
+        count(&api, |f: &FineTuneJob| {
+            f.status
+                .as_ref()
+                .is_some_and(|s| s.phase == kubetune_crds::Phase::Running)
+        })
+    };
+    figures.all_running_s =
+        Some(wait("Running FineTuneJobs", started, running, options.jobs).await?);
     let requests = api_requests(options.metrics_port).await? - requests_before;
     figures.api_requests_per_job = Some(requests / options.jobs as f64);
 
@@ -304,6 +275,16 @@ where
         delay = (delay * 2).min(Duration::from_secs(5));
     }
     Ok(tokio::time::timeout(Duration::from_secs(30), call()).await??)
+}
+
+/// How many of `api`'s objects are `matching`, listed with retries.
+async fn count<K>(api: &Api<K>, matching: impl Fn(&K) -> bool) -> Result<usize>
+where
+    K: Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let params = ListParams::default();
+    let list = retrying(|| api.list(&params)).await?;
+    Ok(list.items.iter().filter(|item| matching(item)).count())
 }
 
 /// Polls `count` until it reaches `want`: the seconds since `started`.

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kubetune_crds::finetunejob::{FineTuneJob, PodMetadata};
 use kubetune_operator::cost::TableSource;
@@ -159,4 +160,25 @@ pub async fn create_prices(namespace: &TestNamespace, table: &str) -> Result<()>
         )
         .await?;
     Ok(())
+}
+
+/// When the pod's trainer container started and finished, from its terminated state.
+pub fn trainer_run(pod: &Pod) -> Result<(Timestamp, Timestamp)> {
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    let terminated = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.first())
+        .and_then(|c| c.state.as_ref()?.terminated.as_ref())
+        .with_context(|| format!("{name}'s trainer has not terminated"))?;
+    let started = terminated.started_at.as_ref().context("startedAt")?.0;
+    let finished = terminated.finished_at.as_ref().context("finishedAt")?.0;
+    Ok((started, finished))
+}
+
+/// Seconds the pod's trainer container ran: what the cost ledger must have counted.
+pub fn ran_seconds(pod: &Pod) -> Result<u64> {
+    let (started, finished) = trainer_run(pod)?;
+    Ok(u64::try_from(finished.as_second() - started.as_second())?)
 }

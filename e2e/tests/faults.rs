@@ -19,7 +19,7 @@ use kube::core::ObjectMeta;
 use kubetune_crds::finetunejob::{FineTuneJob, Phase};
 use kubetune_e2e::cluster_or_skip;
 use kubetune_e2e::jobs::{
-    create_prices, example, namespace, start_operator, start_pricing_operator,
+    create_prices, example, namespace, ran_seconds, start_operator, start_pricing_operator,
 };
 use kubetune_e2e::test_support::{state_dir, wait_for};
 use kubetune_operator::server::{self, Shared};
@@ -224,17 +224,7 @@ async fn operator_killed_twenty_times_while_200_jobs_run_creates_each_job_once_a
                     == Some(&job)
             })
             .with_context(|| format!("the pod of {job}"))?;
-        let terminated = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.container_statuses.as_ref())
-            .and_then(|cs| cs.first())
-            .and_then(|c| c.state.as_ref()?.terminated.clone())
-            .with_context(|| format!("{job}'s trainer terminated"))?;
-        let seconds = u64::try_from(
-            terminated.finished_at.context("finishedAt")?.0.as_second()
-                - terminated.started_at.context("startedAt")?.0.as_second(),
-        )?;
+        let seconds = ran_seconds(pod)?;
         let node = pod
             .spec
             .as_ref()
@@ -290,6 +280,36 @@ async fn operator_killed_twenty_times_while_200_jobs_run_creates_each_job_once_a
         miscounted.is_empty(),
         "cost not counted once:\n{}",
         miscounted.join("\n")
+    );
+    Ok(())
+}
+
+/// Creates the LoRA example as `name`, with a trainer that runs until deleted, and
+/// waits for it to be Running.
+async fn run_job(ftjs: &Api<FineTuneJob>, name: &str) -> Result<()> {
+    let mut ftj = example("lora-a100.yaml", &[("outcome", "run")])?;
+    ftj.metadata.name = Some(name.into());
+    ftjs.create(&PostParams::default(), &ftj).await?;
+    wait_for_running(ftjs, name, Duration::from_secs(120)).await
+}
+
+async fn wait_for_running(ftjs: &Api<FineTuneJob>, name: &str, within: Duration) -> Result<()> {
+    wait_for(ftjs, name, within, |f| {
+        f.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
+    })
+    .await?;
+    Ok(())
+}
+
+/// Job `name` still runs its first attempt: `what` did not disturb it.
+async fn ensure_undisturbed(ftjs: &Api<FineTuneJob>, name: &str, what: &str) -> Result<()> {
+    let status = ftjs.get(name).await?.status;
+    ensure!(
+        status
+            .as_ref()
+            .is_some_and(|s| s.phase == Phase::Running && s.restarts == 0),
+        "the job that ran through {what} was disturbed: {:?}",
+        status.map(|s| (s.phase, s.restarts))
     );
     Ok(())
 }
@@ -367,13 +387,7 @@ async fn api_server_paused_for_60_s_makes_the_operator_unready_and_it_recovers_b
         Duration::from_secs(1),
     ));
     readiness_becomes(&shared, true, Duration::from_secs(30)).await?;
-    let mut before = example("lora-a100.yaml", &[("outcome", "run")])?;
-    before.metadata.name = Some("before".into());
-    ftjs.create(&PostParams::default(), &before).await?;
-    wait_for(&ftjs, "before", Duration::from_secs(90), |f| {
-        f.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
-    })
-    .await?;
+    run_job(&ftjs, "before").await?;
 
     let pid = apiserver_pid()?;
     signal(pid, "STOP")?;
@@ -392,27 +406,13 @@ async fn api_server_paused_for_60_s_makes_the_operator_unready_and_it_recovers_b
     let ready_after = readiness_becomes(&shared, true, Duration::from_secs(60)).await?;
 
     // The same operator, never restarted, picks up a job created after the outage.
-    let mut after = example("lora-a100.yaml", &[("outcome", "run")])?;
-    after.metadata.name = Some("after".into());
-    ftjs.create(&PostParams::default(), &after).await?;
-    wait_for(&ftjs, "after", Duration::from_secs(120), |f| {
-        f.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
-    })
-    .await?;
+    run_job(&ftjs, "after").await?;
     let recovered_after = resumed.elapsed().as_secs_f64();
     ensure!(
         !operator.is_finished(),
         "the operator stopped during the outage"
     );
-    let still = ftjs.get("before").await?;
-    ensure!(
-        still
-            .status
-            .as_ref()
-            .is_some_and(|s| s.phase == Phase::Running && s.restarts == 0),
-        "the job that ran through the outage was disturbed: {:?}",
-        still.status.map(|s| (s.phase, s.restarts))
-    );
+    ensure_undisturbed(&ftjs, "before", "the outage").await?;
     probe.abort();
     // The node controller may have marked nodes unreachable when the server resumed;
     // the tests after this one find them healthy again.
@@ -458,12 +458,7 @@ async fn a_trainer_pods_node_lost_restarts_the_job_as_a_new_attempt() -> Result<
     let namespace = namespace(&cluster, "node-lost", &["models", "datasets", "adapters"]).await?;
     let ftjs: Api<FineTuneJob> = namespace.api();
     let _operator = start_operator(&cluster, &namespace);
-    let ftj = example("lora-a100.yaml", &[("outcome", "run")])?;
-    ftjs.create(&PostParams::default(), &ftj).await?;
-    wait_for(&ftjs, "support-lora", Duration::from_secs(90), |f| {
-        f.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
-    })
-    .await?;
+    run_job(&ftjs, "support-lora").await?;
     let pods: Api<Pod> = namespace.api();
     let first = pods
         .list(&ListParams::default().labels("batch.kubernetes.io/job-name=support-lora-a1"))
@@ -605,13 +600,7 @@ async fn etcd_restarted_under_a_running_operator_loses_nothing_and_needs_no_oper
     .await?;
     let ftjs: Api<FineTuneJob> = namespace.api();
     let operator = start_operator(&cluster, &namespace);
-    let mut before = example("lora-a100.yaml", &[("outcome", "run")])?;
-    before.metadata.name = Some("before".into());
-    ftjs.create(&PostParams::default(), &before).await?;
-    wait_for(&ftjs, "before", Duration::from_secs(90), |f| {
-        f.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
-    })
-    .await?;
+    run_job(&ftjs, "before").await?;
 
     let killed = Instant::now();
     restart_component("etcd")?;
@@ -636,24 +625,13 @@ async fn etcd_restarted_under_a_running_operator_loses_nothing_and_needs_no_oper
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    wait_for(&ftjs, "after", Duration::from_secs(120), |f| {
-        f.status.as_ref().is_some_and(|s| s.phase == Phase::Running)
-    })
-    .await?;
+    wait_for_running(&ftjs, "after", Duration::from_secs(120)).await?;
     let recovered_after = killed.elapsed().as_secs_f64();
     ensure!(
         !operator.is_finished(),
         "the operator stopped when etcd restarted"
     );
-    let still = ftjs.get("before").await?;
-    ensure!(
-        still
-            .status
-            .as_ref()
-            .is_some_and(|s| s.phase == Phase::Running && s.restarts == 0),
-        "the job that ran through the restart was disturbed: {:?}",
-        still.status.map(|s| (s.phase, s.restarts))
-    );
+    ensure_undisturbed(&ftjs, "before", "the restart").await?;
     let jobs: Vec<Job> = namespace
         .api::<Job>()
         .list(&ListParams::default())

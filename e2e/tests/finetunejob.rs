@@ -17,7 +17,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kubetune_crds::finetunejob::{FineTuneJob, Phase};
 use kubetune_e2e::cluster_or_skip;
 use kubetune_e2e::jobs::{
-    Operator, create_claim, create_prices, example, namespace, start_operator,
+    Operator, create_claim, create_prices, example, namespace, ran_seconds, start_operator,
     start_pricing_operator,
 };
 use kubetune_e2e::test_support::{Cluster, TestNamespace, wait_for};
@@ -628,16 +628,7 @@ async fn cost_is_the_pods_running_time_at_its_nodes_rate_across_an_operator_rest
     // Exactly the pod's running time on its one GPU, priced at its node's capacity type.
     let pods = pods_of(&namespace, "support-lora-a1").await?;
     let pod = pods.first().context("the trainer pod")?;
-    let terminated = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|cs| cs.first())
-        .and_then(|c| c.state.as_ref()?.terminated.clone())
-        .context("the trainer terminated")?;
-    let started = terminated.started_at.context("startedAt")?.0.as_second();
-    let finished = terminated.finished_at.context("finishedAt")?.0.as_second();
-    let seconds = u64::try_from(finished - started)?;
+    let seconds = ran_seconds(pod)?;
     assert!(seconds >= 20, "the pod ran its 20 s ({seconds})");
     let nodes: Api<Node> = Api::all(cluster.client.clone());
     let node = nodes.get(&node_of(pod).context("bound")?).await?;

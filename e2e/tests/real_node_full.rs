@@ -21,6 +21,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kubetune_crds::finetunejob::{FineTuneJob, Phase};
 use kubetune_e2e::cluster_or_skip;
 use kubetune_e2e::flow::{self, Volumes};
+use kubetune_e2e::jobs::trainer_run;
 use kubetune_e2e::test_support::Cluster;
 use kubetune_trainer::test_support::{TinyLlama, max_abs_diff, memorisable_chats};
 use serde_json::json;
@@ -106,24 +107,7 @@ async fn pod_seconds(cluster: &Cluster, ns: &str, job: &str) -> Result<(Vec<u64>
     let mut lived = 0;
     for pod in &list.items {
         let name = pod.metadata.name.as_deref().unwrap_or_default();
-        let terminated = pod
-            .status
-            .as_ref()
-            .and_then(|status| status.container_statuses.as_ref())
-            .and_then(|statuses| statuses.first())
-            .and_then(|status| status.state.as_ref())
-            .and_then(|state| state.terminated.as_ref())
-            .with_context(|| format!("pod {name} has a terminated trainer container"))?;
-        let finished = terminated
-            .finished_at
-            .as_ref()
-            .with_context(|| format!("pod {name} has a finish time"))?
-            .0;
-        let started = terminated
-            .started_at
-            .as_ref()
-            .with_context(|| format!("pod {name} has a start time"))?
-            .0;
+        let (started, finished) = trainer_run(pod)?;
         let created = pod
             .metadata
             .creation_timestamp

@@ -147,7 +147,8 @@ pub const EXIT_RETRYABLE: i32 = 1;
 /// profile of the LoRA benchmark spent a third of its time in the kernel (page faults,
 /// page clearing, memcg charging). The threshold is fixed at its maximum (32 MiB) and
 /// the heap's free top is returned only beyond 1 GiB. Measured on the benchmark (47.9M
-/// parameters, B=4, T=256, 2 cores): 262 → 402 tokens/s, peak RSS 1,849 → 1,875 MiB.
+/// parameters, B=4, T=256, 2 cores, two runs): 262 → 396–404 tokens/s, peak RSS 1,849 →
+/// 1,876–1,997 MiB.
 /// Call it first thing in `main`, before threads start.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -95,17 +95,18 @@ pub fn operator(root: &Path, args: &[&str]) -> Result<()> {
         kubectl: &kubectl,
         nodes: options.jobs.div_ceil(GPUS_PER_NODE as usize),
     };
-    let result = bench.run(root, &binary, &measure, &options);
-    if let Err(error) = &result {
-        // The measurement prints its JSON line itself; a failure before it starts
-        // still leaves one.
-        if !error.to_string().starts_with("the measurement failed") {
+    // The measurement prints its JSON line itself, also when it fails; a failure
+    // before it starts still leaves one.
+    let result = match bench.set_up(root, &binary) {
+        Ok(operator) => bench.measure(root, operator, &measure, &options),
+        Err(error) => {
             println!(
                 "{}",
                 json!({ "jobs": options.jobs, "error": format!("{error:#}") })
             );
+            Err(error)
         }
-    }
+    };
     println!("==> cleaning up");
     if let Err(error) = bench.clean_up() {
         eprintln!("warning: cleaning up the benchmark failed: {error:#}");
@@ -133,8 +134,8 @@ impl Drop for Operator {
 }
 
 impl Bench<'_> {
-    fn run(&self, root: &Path, binary: &Path, measure: &Path, options: &Options) -> Result<()> {
-        let jobs = options.jobs;
+    /// The nodes, the namespace with its claims, and the operator, running.
+    fn set_up(&self, root: &Path, binary: &Path) -> Result<Operator> {
         println!(
             "==> {} simulated nodes of {GPUS_PER_NODE} A100s, namespace {NAMESPACE}",
             self.nodes
@@ -145,24 +146,29 @@ impl Bench<'_> {
             product: "NVIDIA-A100-SXM4-80GB".into(),
         }];
         let nodes = nodes::manifests_at(&pools, NODE_PREFIX, FIRST_NODE_INDEX);
-        retry("create the benchmark's nodes", || {
-            self.kubectl.run(
-                "create the benchmark's nodes",
-                &["apply", "-f", "-"],
-                Some(&nodes),
-            )
-        })?;
-        let storage = storage_manifests();
-        retry("create the benchmark's namespace and claims", || {
-            self.kubectl.run(
-                "create the benchmark's namespace and claims",
-                &["apply", "-f", "-"],
-                Some(&storage),
-            )
-        })?;
-
+        self.kubectl_retrying(
+            "create the benchmark's nodes",
+            &["apply", "-f", "-"],
+            Some(&nodes),
+        )?;
+        self.kubectl_retrying(
+            "create the benchmark's namespace and claims",
+            &["apply", "-f", "-"],
+            Some(&storage_manifests()),
+        )?;
         let operator = self.start_operator(root, binary)?;
         std::thread::sleep(Duration::from_secs(2));
+        Ok(operator)
+    }
+
+    /// Runs the measuring half against `operator`, which is stopped afterwards.
+    fn measure(
+        &self,
+        root: &Path,
+        operator: Operator,
+        measure: &Path,
+        options: &Options,
+    ) -> Result<()> {
         let status = Command::new(measure)
             .current_dir(root)
             .env("KUBECONFIG", self.kubectl.kubeconfig())
@@ -170,7 +176,7 @@ impl Bench<'_> {
                 "--namespace",
                 NAMESPACE,
                 "--jobs",
-                &jobs.to_string(),
+                &options.jobs.to_string(),
                 "--steady-seconds",
                 &options.steady.as_secs().to_string(),
                 "--operator-pid",
@@ -221,6 +227,26 @@ impl Bench<'_> {
         })
     }
 
+    /// `kubectl args` (with `input` on stdin), tried up to five times with a growing
+    /// pause: a loaded API server times out now and then.
+    fn kubectl_retrying(&self, what: &str, args: &[&str], input: Option<&str>) -> Result<String> {
+        let mut pause = Duration::from_secs(1);
+        for _ in 1..5 {
+            match self.kubectl.run(what, args, input) {
+                Ok(out) => return Ok(out),
+                Err(error) => {
+                    eprintln!(
+                        "warning: {what} failed, retrying in {}s: {error:#}",
+                        pause.as_secs()
+                    );
+                    std::thread::sleep(pause);
+                    pause *= 2;
+                }
+            }
+        }
+        self.kubectl.run(what, args, input)
+    }
+
     /// Deletes what the benchmark added and waits for the namespace to be gone, so the
     /// next run starts clean; a busy API server is retried, not given up on.
     fn clean_up(&self) -> Result<()> {
@@ -253,7 +279,7 @@ impl Bench<'_> {
             ("delete the benchmark's nodes", nodes),
         ];
         for (what, args) in &steps {
-            if let Err(error) = retry(what, || self.kubectl.run(what, args, None)) {
+            if let Err(error) = self.kubectl_retrying(what, args, None) {
                 failures.push(format!("{error:#}"));
             }
         }
@@ -289,26 +315,6 @@ impl Bench<'_> {
             bail!("{}", failures.join("\n"))
         }
     }
-}
-
-/// `step`, tried up to five times with a growing pause: a loaded API server times out
-/// now and then.
-fn retry<T>(what: &str, step: impl Fn() -> Result<T>) -> Result<T> {
-    let mut pause = Duration::from_secs(1);
-    for _ in 1..5 {
-        match step() {
-            Ok(value) => return Ok(value),
-            Err(error) => {
-                eprintln!(
-                    "warning: {what} failed, retrying in {}s: {error:#}",
-                    pause.as_secs()
-                );
-                std::thread::sleep(pause);
-                pause *= 2;
-            }
-        }
-    }
-    step()
 }
 
 /// The namespace and the three claims the example names, pre-bound to volumes.

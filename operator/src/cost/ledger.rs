@@ -34,6 +34,22 @@ pub struct PodUsage {
     pub priced: Option<Priced>,
 }
 
+/// A job's cost before anything accrued, in `currency`, counting GPU-hours when `gpu`,
+/// else CPU core-hours.
+pub fn empty(currency: &str, gpu: bool) -> Cost {
+    Cost {
+        currency: currency.to_owned(),
+        amount: Money::from_cents(0),
+        gpu_hours: gpu.then(|| hours(0)),
+        lost_gpu_hours: None,
+        cpu_core_hours: (!gpu).then(|| hours(0)),
+        lost_cpu_core_hours: None,
+        estimated_total: None,
+        rates: BTreeMap::new(),
+        attempts: Vec::new(),
+    }
+}
+
 /// A fresh ledger entry for attempt `number`, counting GPU-seconds when `gpu`, else
 /// CPU core-seconds.
 pub fn entry(number: u32, gpu: bool) -> AttemptCost {
@@ -299,15 +315,8 @@ mod tests {
             at(5_600),
         );
         let mut cost = Cost {
-            currency: "USD".into(),
-            amount: Money::from_cents(0),
-            gpu_hours: None,
-            lost_gpu_hours: None,
-            cpu_core_hours: None,
-            lost_cpu_core_hours: None,
-            estimated_total: None,
-            rates: BTreeMap::new(),
             attempts: vec![first, second],
+            ..empty("USD", true)
         };
         total(&mut cost, &[1], true);
         assert_eq!(cost.gpu_hours.as_deref(), Some("12.0000"));
@@ -331,15 +340,8 @@ mod tests {
             (None, Some(7_200))
         );
         let mut cost = Cost {
-            currency: "USD".into(),
-            amount: Money::from_cents(0),
-            gpu_hours: None,
-            lost_gpu_hours: None,
-            cpu_core_hours: None,
-            lost_cpu_core_hours: None,
-            estimated_total: None,
-            rates: BTreeMap::new(),
             attempts: vec![attempt],
+            ..empty("USD", false)
         };
         total(&mut cost, &[], false);
         assert_eq!(cost.cpu_core_hours.as_deref(), Some("2.0000"));

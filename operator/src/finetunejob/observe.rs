@@ -337,6 +337,23 @@ mod tests {
         assert_eq!(oom.class, FailureClass::OutOfMemory);
     }
 
+    /// A pod killed with exit code 143 and a DisruptionTarget condition of `reason`.
+    fn disrupted(reason: &str) -> Pod {
+        let mut p = terminated(143, "Error", "");
+        p.status
+            .as_mut()
+            .expect("status")
+            .conditions
+            .get_or_insert_with(Vec::new)
+            .push(
+                serde_json::from_value(json!({
+                    "type": "DisruptionTarget", "status": "True", "reason": reason
+                }))
+                .expect("condition"),
+            );
+        p
+    }
+
     #[test]
     fn preemption_and_node_loss_are_read_from_the_disruption_condition() {
         for (reason, class) in [
@@ -344,36 +361,14 @@ mod tests {
             ("DeletionByPodGC", FailureClass::NodeLost),
             ("TerminationByKubelet", FailureClass::Evicted),
         ] {
-            let mut p = terminated(143, "Error", "");
-            p.status
-                .as_mut()
-                .expect("status")
-                .conditions
-                .get_or_insert_with(Vec::new)
-                .push(
-                    serde_json::from_value(json!({
-                        "type": "DisruptionTarget", "status": "True", "reason": reason
-                    }))
-                    .expect("condition"),
-                );
+            let p = disrupted(reason);
             assert_eq!(pod(&p).failure.expect("failed").class, class, "{reason}");
         }
     }
 
     #[test]
     fn a_failed_pod_fails_its_job_before_the_job_controller_says_so() {
-        let mut lost = terminated(143, "Error", "");
-        lost.status
-            .as_mut()
-            .expect("status")
-            .conditions
-            .get_or_insert_with(Vec::new)
-            .push(
-                serde_json::from_value(json!({
-                    "type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC"
-                }))
-                .expect("condition"),
-            );
+        let lost = disrupted("DeletionByPodGC");
         let active: Job = serde_json::from_value(json!({
             "metadata": {"name": "support-lora-a1"},
             "status": {"active": 1}

@@ -15,7 +15,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kubetune_crds::Money;
 use kubetune_crds::conditions::{finetunejob as types, reason};
 use kubetune_crds::finetunejob::{
-    Attempt, Children, Cost, FineTuneJob, FineTuneJobStatus, MemoryPlanStatus, Phase, PlanSource,
+    Attempt, Children, FineTuneJob, FineTuneJobStatus, MemoryPlanStatus, Phase, PlanSource,
 };
 use kubetune_crds::memory;
 use kubetune_crds::training::contract::ProgressReport;
@@ -571,17 +571,11 @@ fn account(p: &mut Planner<'_>, observed: &Observed) -> bool {
     };
     let table = &inputs.table;
     let gpu = p.ftj.spec.resources.gpu.is_some();
-    let mut cost = p.status.cost.clone().unwrap_or_else(|| Cost {
-        currency: table.currency.clone(),
-        amount: Money::from_cents(0),
-        gpu_hours: gpu.then(|| ledger::hours(0)),
-        lost_gpu_hours: None,
-        cpu_core_hours: (!gpu).then(|| ledger::hours(0)),
-        lost_cpu_core_hours: None,
-        estimated_total: None,
-        rates: Default::default(),
-        attempts: Vec::new(),
-    });
+    let mut cost = p
+        .status
+        .cost
+        .clone()
+        .unwrap_or_else(|| ledger::empty(&table.currency, gpu));
     if let Some(number) = inputs.attempt {
         let index = match cost.attempts.iter().position(|a| a.number == number) {
             Some(index) => index,
